@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import resource
 import shutil
@@ -409,15 +408,13 @@ def _fallback(key: str, limits: Limits, facts: CgroupFacts, backend: str):
             f"CPU share (--cpus) is not enforced ({where}): the run may use "
             "every CPU",
         )
-    # Whole-run CPU time: the supervisor sums it; RLIMIT_CPU is a per-process
-    # backstop a little above the limit (the payload dies of SIGXCPU, then SIGKILL).
-    seconds = math.ceil(limits.cpu_time_s)
+    # Whole-run CPU time: the supervisor sums what it can see of the run's
+    # processes (its RLIMIT_CPU backstop is per process and set for every run).
     return (
         "supervisor",
-        [(resource.RLIMIT_CPU, seconds + 1, seconds + 2)],
-        f"CPU time limit watched by the supervisor ({where}): CPU time is summed "
-        "from /proc, so a short-lived process may be missed; RLIMIT_CPU backs it "
-        "per process",
+        [],
+        f"CPU time limit watched by the supervisor ({where}): without a cgroup, "
+        "the CPU time of processes that exit between two looks may be missed",
     )
 
 

@@ -210,7 +210,6 @@ def test_user_on_hybrid_host_falls_back_to_rlimits_with_warnings():
     assert plan.rlimits == (
         (resource.RLIMIT_AS, 64 << 20, 64 << 20),
         (resource.RLIMIT_NPROC, 32, 32),
-        (resource.RLIMIT_CPU, 3, 4),
     )
     assert len(plan.warnings) == 4
     assert "RLIMIT_AS" in plan.warnings[0]
