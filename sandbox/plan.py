@@ -6,7 +6,8 @@ byte: the exact uid_map text, the mounts in order, the limits with their units.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 DEFAULT_UID = 1000
 DEFAULT_GID = 1000
@@ -60,6 +61,13 @@ class IdPlan:
     use_helpers: bool = False
 
     @property
+    def switch_to(self) -> tuple[int, int] | None:
+        """The host (uid, gid) a root caller's sandbox processes switch to first."""
+        if self.use_helpers or self.uid_map[0].outside == 0:
+            return None
+        return self.uid_map[0].outside, self.gid_map[0].outside
+
+    @property
     def uid_map_text(self) -> str:
         return "".join(m.line() for m in self.uid_map)
 
@@ -86,6 +94,7 @@ class Mount:
     inodes: int = 0
     mode: int = 0o755
     owner: tuple[int, int] | None = None  # (uid, gid) inside, for tmpfs roots
+    devices: bool = False  # a bind of device nodes: the only mounts without nodev
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ class Plan:
     require_cgroup: bool = False
     profile: str = "default"
     box_dir: str | None = None  # host directory bound at /box, if any
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    rootfs: str = "host"
 
 
 def plan_ids(
@@ -142,10 +151,12 @@ def plan_ids(
 
     Unprivileged, no subordinate range: the single id a user may map, its own
     (inside `uid` is the caller on the host). Root: the payload must never be host
-    root, so `uid` maps to an unprivileged host id. With subordinate ranges (start,
-    count) for the caller, root inside is the caller and `uid` is taken from the range.
+    root, so `uid` maps to an unprivileged host id, and sbx's own processes switch to
+    that id before creating the namespace (a root-owned user namespace could not create
+    files with an unmapped fsuid). With subordinate ranges (start, count) for an
+    unprivileged caller, root inside is the caller and `uid` is taken from the range.
     """
-    if subuid and subgid and uid < subuid[1] and gid < subgid[1] and uid and gid:
+    if caller_uid != 0 and subuid and subgid and uid < subuid[1] and gid < subgid[1]:
         return IdPlan(
             uid,
             gid,
@@ -229,7 +240,8 @@ def dev_mounts(limits: Limits) -> list[Mount]:
     namespace cannot mknod), the usual symlinks, and a size-limited /dev/shm."""
     mounts = [Mount("tmpfs", "/dev", readonly=False, size_bytes=64 << 10, inodes=64)]
     mounts += [
-        Mount("bind", f"/dev/{n}", source=f"/dev/{n}", readonly=False) for n in DEV_NODES
+        Mount("bind", f"/dev/{n}", source=f"/dev/{n}", readonly=False, devices=True)
+        for n in DEV_NODES
     ]
     for name, target in (
         ("fd", "/proc/self/fd"),
@@ -255,3 +267,65 @@ def payload_env(extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str
     }
     env.update(extra)
     return tuple(env.items())
+
+
+def make_limits(profile_limits: dict, options: dict) -> Limits:
+    """Profile limits overridden by command-line options (both already parsed)."""
+    merged = {**profile_limits, **{k: v for k, v in options.items() if v is not None}}
+    defaults = Limits()
+    return Limits(
+        wall_timeout_s=merged.get("wall"),
+        cpu_time_s=merged.get("time"),
+        memory_max_bytes=merged.get("memory"),
+        pids_max=merged.get("pids"),
+        cpus=merged.get("cpus"),
+        output_max_bytes=merged.get("output_limit"),
+        fsize_max_bytes=merged.get("fsize"),
+        nofile_max=merged.get("nofile"),
+        tmpfs_size_bytes=merged.get("tmpfs_size", defaults.tmpfs_size_bytes),
+        tmpfs_inodes=defaults.tmpfs_inodes,
+    )
+
+
+LIMIT_KEYS = ("wall", "time", "memory", "pids", "cpus", "output_limit", "fsize")
+LIMIT_KEYS += ("nofile", "tmpfs_size")
+
+
+def make_plan(
+    profile: dict,
+    options: dict,
+    argv: list[str],
+    caller: tuple[int, int],
+    layout: HostLayout,
+    subids: tuple | None = None,
+) -> Plan:
+    """Profile + command-line options -> the frozen plan of one run."""
+    limits = make_limits(profile.get("limits", {}), {k: options.get(k) for k in LIMIT_KEYS})
+    uid = options.get("uid") or profile.get("uid", DEFAULT_UID)
+    gid = options.get("gid") or profile.get("gid", DEFAULT_GID)
+    subuid, subgid = subids if subids else (None, None)
+    ids = plan_ids(caller[0], caller[1], uid, gid, subuid, subgid)
+    box_dir = options.get("dir")
+    if box_dir is not None:
+        box_dir = os.path.abspath(box_dir)
+    rootfs = options.get("rootfs") or profile.get("rootfs", "host")
+    env = tuple(profile.get("env", {}).items()) + tuple(options.get("env") or ())
+    return Plan(
+        argv=tuple(argv),
+        env=payload_env(env),
+        ids=ids,
+        mounts=host_root_mounts(layout, limits, ids, box_dir),
+        limits=limits,
+        stdio=Stdio(
+            stdin_path=options.get("stdin"),
+            stdout_path=options.get("stdout"),
+            stderr_path=options.get("stderr"),
+            capture=bool(options.get("json") or options.get("capture")),
+            stdin_data=options.get("stdin_data"),
+        ),
+        seccomp_policy=options.get("seccomp") or profile.get("seccomp"),
+        require_cgroup=bool(options.get("require_cgroup") or profile.get("require_cgroup")),
+        profile=profile.get("name", "default"),
+        box_dir=box_dir,
+        rootfs=rootfs,
+    )

@@ -1,0 +1,47 @@
+"""The Python API: run a command in a sandbox and get a Result.
+
+    from sandbox.api import run
+    result = run(["python3", "-c", "print(1)"], profile="strict", wall=5, capture=True)
+    result.verdict, result.exit_code, result.stdout
+
+Keyword options are those of `sbx exec` (see `sbx exec --help`), with Python values:
+wall=2.5, memory="256M" or 268435456, env=[("KEY", "value")], dir="/path", plus
+stdin_data=b"..." to feed stdin and capture=True to get stdout and stderr as bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import execopts, profiles
+from .errors import UsageError
+from .kernel import hostinfo
+from .plan import Plan, make_plan
+from .result import Result
+
+_PARSED_KEYS = {o.key: o for o in execopts.OPTIONS}
+
+
+def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
+    """The plan `run` would execute: profile resolved, options checked."""
+    if not argv:
+        raise UsageError("no command given")
+    parsed = {}
+    for key, value in options.items():
+        opt = _PARSED_KEYS.get(key)
+        if opt is not None and opt.parse is not None and isinstance(value, str):
+            value = opt.parse(value, f"--{key.replace('_', '-')}")
+        parsed[key] = value
+    execopts.check_paths(parsed)
+    resolved = profiles.resolve(profile or "default")
+    caller = (os.getuid(), os.getgid())
+    subids = hostinfo.subordinate_ids(*caller)
+    return make_plan(resolved, parsed, argv, caller, hostinfo.host_layout(), subids)
+
+
+def run(argv: list[str], profile: str | None = None, **options) -> Result:
+    """Run argv in a fresh sandbox. A verdict is a Result; bad options raise
+    UsageError and a host that cannot run the sandbox raises SandboxError."""
+    from . import supervisor
+
+    return supervisor.run(plan_for(argv, profile, **options))

@@ -1,0 +1,70 @@
+"""The `sbx` console script. `sbx exec` takes a fast path that never imports typer or
+click (see execopts.py); every other command goes to the typer app in cli.py."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "exec":
+        return exec_main(args[1:])
+    from .cli import run_app
+
+    return run_app(args)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else (
+        logging.INFO if verbose else logging.WARNING))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sbx: %(levelname)s: %(message)s"))
+    root = logging.getLogger("sandbox")
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def exec_main(args: list[str]) -> int:
+    from . import execopts
+    from .errors import ExecError, SandboxError, UsageError
+    from .result import IE, Result
+
+    options: dict = {}
+    try:
+        options, command = execopts.parse(args)
+        if options.get("help"):
+            print(execopts.help_text())
+            return 0
+        setup_logging(options.get("verbose", 0), options.get("quiet", False))
+        from . import api
+
+        result = api.run(command, **options)
+    except UsageError as e:
+        print(f"sbx: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except SandboxError as e:
+        result = Result(verdict=IE, error=str(e))
+        result.extra_exit = e.exit_code if isinstance(e, ExecError) else None
+        if not options.get("quiet"):
+            print(f"sbx: error: {e}", file=sys.stderr)
+    _emit(result, options)
+    return result.sbx_exit_code
+
+
+def _emit(result, options: dict) -> None:
+    if options.get("json") or options.get("result"):
+        import json
+
+        text = json.dumps(result.to_dict(), indent=None, sort_keys=True)
+        if options.get("json"):
+            print(text, flush=True)
+        if options.get("result"):
+            with open(options["result"], "w") as f:
+                f.write(text + "\n")
+    if result.verdict in ("TLE", "MLE", "OLE", "SV") and not options.get("quiet"):
+        what = f"{result.verdict} ({result.reason})" if result.reason else result.verdict
+        if result.violation:
+            what += f": syscall {result.violation['syscall']}"
+        print(f"sbx: {what} after {result.wall_time_s:.2f} s", file=sys.stderr)

@@ -1,0 +1,60 @@
+"""CPU time of a whole run read from /proc, for hosts where no cgroup counts it.
+
+The run is the sandbox init and all its descendants. A process's /proc/PID/stat holds
+its own user and system time (all its threads, live and exited) and, in cutime/cstime,
+the time of the children it has reaped. Summing utime+stime+cutime+cstime over the live
+tree (and only cutime+cstime for init itself, whose own time is sbx's) counts every
+process once. Children that were never waited for (SIGCHLD ignored) are lost: the
+per-process RLIMIT_CPU backstop bounds each of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_times(pid: int) -> tuple[int, int] | None:
+    """(own ticks, reaped children's ticks) of one process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    # Fields 14-17 of proc(5), counted from 1 with pid and comm first.
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return utime + stime, cutime + cstime
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                kids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def tree_cpu_s(init_pid: int) -> float:
+    """Seconds of CPU used by every process below init_pid, plus what init reaped."""
+    ticks = 0
+    root = _stat_times(init_pid)
+    if root is None:
+        return 0.0
+    ticks += root[1]
+    stack = _children(init_pid)
+    while stack:
+        pid = stack.pop()
+        times = _stat_times(pid)
+        if times is not None:
+            ticks += times[0] + times[1]
+            stack += _children(pid)
+    return ticks * _TICK_S

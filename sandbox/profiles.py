@@ -1,0 +1,245 @@
+"""Profiles: named, versioned sets of choices in TOML, which may extend one another.
+
+A profile file holds top-level settings and a [limits] table:
+
+    description = "what it is for"
+    extends = "default"            # a profile name or a path; optional
+    seccomp = "seccomp/strict.json"   # relative to the profile's own directory
+    uid = 1000
+    gid = 1000
+    rootfs = "host"
+    require_cgroup = false
+    [env]
+    KEY = "value"
+    [limits]
+    wall = "10s"      time = "5s"      memory = "256M"   pids = 64    cpus = 1.0
+    output_limit = "16M"  fsize = "16M"  nofile = 256  tmpfs_size = "64M"
+
+Resolving is pure; a resolved profile is cached (marshal, keyed by the files' mtimes
+and sizes) so `sbx exec` does not pay for importing a TOML parser on every run.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import UsageError
+from .units import parse_count, parse_seconds, parse_size
+
+FORMAT_VERSION = 1
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _id(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65534:
+        raise UsageError(f"{where}: expected an id between 1 and 65533, got {value!r}")
+    return value
+
+
+def _cpus(value: object, where: str) -> float:
+    try:
+        cpus = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        cpus = 0.0
+    if isinstance(value, bool) or not 0 < cpus <= 1024:
+        raise UsageError(f"{where}: expected a number of CPUs such as 0.5 or 2, got {value!r}")
+    return cpus
+
+
+def _env(value: object, where: str) -> dict:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise UsageError(f"{where}: expected a table of string values")
+    return dict(value)
+
+
+def _wrap(parse: Callable) -> Callable:
+    def check(value: object, where: str):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise UsageError(f"{where}: expected a string or a number, got {value!r}")
+        return parse(value, where)
+
+    return check
+
+
+TOP_FIELDS: dict[str, Callable] = {
+    "description": _str,
+    "extends": _str,
+    "seccomp": _str,
+    "uid": _id,
+    "gid": _id,
+    "rootfs": _str,
+    "require_cgroup": _bool,
+    "env": _env,
+}
+LIMIT_FIELDS: dict[str, Callable] = {
+    "wall": _wrap(parse_seconds),
+    "time": _wrap(parse_seconds),
+    "memory": _wrap(parse_size),
+    "pids": _wrap(parse_count),
+    "cpus": _cpus,
+    "output_limit": _wrap(parse_size),
+    "fsize": _wrap(parse_size),
+    "nofile": _wrap(parse_count),
+    "tmpfs_size": _wrap(parse_size),
+}
+
+
+def profiles_dir() -> Path:
+    """Where the named profiles live: $SBX_PROFILES_DIR, the checkout's profiles/,
+    or the installed share/sbx/profiles."""
+    env = os.environ.get("SBX_PROFILES_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent / "profiles"
+    if here.is_dir():
+        return here
+    import sys
+
+    return Path(sys.prefix) / "share" / "sbx" / "profiles"
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+
+
+def find(name_or_path: str) -> Path:
+    if "/" in name_or_path or name_or_path.endswith(".toml"):
+        path = Path(name_or_path)
+    else:
+        path = profiles_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(list_profiles()) or "none"
+        raise UsageError(
+            f"no profile {name_or_path!r}: give a file path or one of: {known}"
+        )
+    return path.resolve()
+
+
+def validate(raw: dict, source: str) -> dict:
+    """Check one file's fields; the error names the file and the field."""
+    out: dict = {}
+    for key, value in raw.items():
+        if key == "limits":
+            if not isinstance(value, dict):
+                raise UsageError(f"{source}: limits: expected a table")
+            out["limits"] = {}
+            for lkey, lvalue in value.items():
+                if lkey not in LIMIT_FIELDS:
+                    allowed = ", ".join(LIMIT_FIELDS)
+                    raise UsageError(
+                        f"{source}: unknown field limits.{lkey}; allowed: {allowed}"
+                    )
+                out["limits"][lkey] = LIMIT_FIELDS[lkey](lvalue, f"{source}: limits.{lkey}")
+        elif key in TOP_FIELDS:
+            out[key] = TOP_FIELDS[key](value, f"{source}: {key}")
+        else:
+            allowed = ", ".join([*TOP_FIELDS, "limits"])
+            raise UsageError(f"{source}: unknown field {key!r}; allowed: {allowed}")
+    return out
+
+
+def _read_toml(path: Path) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _load_chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
+    if path in seen:
+        raise UsageError(f"{path}: extends itself through {' -> '.join(map(str, seen))}")
+    data = validate(_read_toml(path), str(path))
+    if "seccomp" in data and not data["seccomp"].startswith("/"):
+        data["seccomp"] = str((path.parent / data["seccomp"]).resolve())
+    chain = [(path, data)]
+    if "extends" in data:
+        parent = data["extends"]
+        parent_path = (
+            (path.parent / parent).resolve() if parent.endswith(".toml") else find(parent)
+        )
+        chain = _load_chain(parent_path, (*seen, path)) + chain
+    return chain
+
+
+def _merge(chain: list[tuple[Path, dict]]) -> dict:
+    merged: dict = {"limits": {}, "env": {}}
+    for _, data in chain:
+        for key, value in data.items():
+            if key in ("limits", "env"):
+                merged[key].update(value)
+            elif key != "extends":
+                merged[key] = value
+    merged["files"] = [str(p) for p, _ in chain]
+    return merged
+
+
+def resolve(name_or_path: str) -> dict:
+    """The fully resolved profile (parents applied), from the cache when fresh."""
+    path = find(name_or_path)
+    cache = _cache_path(path)
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached
+    profile = _merge(_load_chain(path))
+    profile["name"] = path.stem
+    _write_cache(cache, profile)
+    return profile
+
+
+def _cache_path(path: Path) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    key = str(path).replace("/", "%")
+    return Path(base) / "sbx" / "profiles" / f"{key}.v{FORMAT_VERSION}.marshal"
+
+
+def _stamp(files: list[str]) -> list:
+    stamps = []
+    for name in files:
+        st = os.stat(name)
+        stamps.append((name, st.st_mtime_ns, st.st_size))
+    return stamps
+
+
+def _read_cache(cache: Path) -> dict | None:
+    try:
+        with open(cache, "rb") as f:
+            stamps, profile = marshal.load(f)
+        if stamps == _stamp(profile["files"]):
+            return profile
+    except (OSError, EOFError, ValueError, TypeError, KeyError):
+        pass
+    return None
+
+
+def _write_cache(cache: Path, profile: dict) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            marshal.dump((_stamp(profile["files"]), profile), f)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a cache that cannot be written only costs time

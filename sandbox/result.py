@@ -1,0 +1,115 @@
+"""The result of one run: a value, never an exception. Printable as JSON with stable
+field names (see DESIGN.md, "Results")."""
+
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import asdict, dataclass, field
+
+from . import __version__
+
+OK, RE, TLE, MLE, OLE, SV, IE = "OK", "RE", "TLE", "MLE", "OLE", "SV", "IE"
+TIME_LIMIT_EXIT = 124
+INTERNAL_ERROR_EXIT = 125
+
+
+@dataclass
+class LimitReport:
+    value: float | int | None
+    mechanism: str  # cgroup2 | cgroup1 | rlimit | supervisor | none
+
+
+@dataclass
+class Result:
+    verdict: str
+    exit_code: int | None = None  # the payload's own exit code, if it exited
+    signal: str | None = None  # the fatal signal's name, if it was killed by one
+    reason: str | None = None  # TLE: "cpu" or "wall"; OLE: "output" or "fsize"; ...
+    cpu_time_s: dict = field(default_factory=lambda: {"user": 0.0, "system": 0.0, "total": 0.0})
+    wall_time_s: float = 0.0
+    peak_memory_bytes: int | None = None
+    oom_killed: bool = False
+    limits: dict = field(default_factory=dict)
+    violation: dict | None = None  # SV: {"syscall": name}
+    error: str | None = None  # IE: what sbx could not do
+    warnings: list = field(default_factory=list)
+    stdout: bytes | None = None
+    stderr: bytes | None = None
+    sbx_version: str = __version__
+
+    @property
+    def sbx_exit_code(self) -> int:
+        """The exit status of `sbx exec` for this result (DESIGN.md conventions)."""
+        if self.verdict == TLE:
+            return TIME_LIMIT_EXIT
+        if self.verdict == IE:
+            return self.extra_exit or INTERNAL_ERROR_EXIT
+        if self.signal is not None:
+            return 128 + _signal.Signals[self.signal].value
+        return self.exit_code or 0
+
+    extra_exit: int | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("extra_exit")
+        for stream in ("stdout", "stderr"):
+            raw = data[stream]
+            if raw is None:
+                data.pop(stream)
+            else:
+                data[stream] = raw.decode("utf-8", "backslashreplace")
+        return data
+
+
+def signal_name(number: int) -> str:
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def decide(
+    status: int | None,
+    tripped: tuple[str, str] | None,
+    oom_killed: bool,
+    violation: str | None,
+) -> tuple[str, str | None]:
+    """The verdict and its reason, from how the payload ended and what sbx saw.
+
+    Precedence: a seccomp violation, then an OOM kill in the run's cgroup (MLE
+    whatever signal the payload died of), then the limit the supervisor tripped
+    first, then how the payload itself ended.
+    """
+    if violation is not None:
+        return SV, "seccomp"
+    if status is not None and _died_of(status, _signal.SIGSYS) and tripped is None:
+        return SV, "seccomp"
+    if oom_killed:
+        return MLE, "memory"
+    if tripped is not None:
+        return tripped
+    if status is not None and _died_of(status, _signal.SIGXCPU):
+        return TLE, "cpu"
+    if status is not None and _died_of(status, _signal.SIGXFSZ):
+        return OLE, "fsize"
+    if status is not None and (os_exited(status) and exit_of(status) == 0):
+        return OK, None
+    return RE, None
+
+
+def os_exited(status: int) -> bool:
+    return (status & 0x7F) == 0
+
+
+def exit_of(status: int) -> int:
+    return (status >> 8) & 0xFF
+
+
+def signal_of(status: int) -> int | None:
+    sig = status & 0x7F
+    return None if sig in (0, 0x7F) else sig
+
+
+def _died_of(status: int, sig: int) -> bool:
+    return signal_of(status) == sig

@@ -1,0 +1,541 @@
+"""The host side of a run: start the sandbox, watch it, tear it down, report.
+
+`run(plan)` lists the steps in order. The supervisor stays outside the payload's pid
+namespace, so nothing inside can signal it; it is a child subreaper, so the sandbox's
+init becomes its direct child and can be killed and reaped without any pid-reuse race.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from . import child, result
+from .errors import ExecError, SandboxError, kernel_error
+from .kernel import libc, procstat
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+SETUP_TIMEOUT_S = 10.0
+CPU_POLL_S = 0.01  # an overrun of --time is at most this times the cores in use
+READ_CHUNK = 65536
+_subreaper_set = False
+
+
+@dataclass
+class Stream:
+    """One of the payload's stdout/stderr as the supervisor drains it."""
+
+    name: str
+    read_fd: int
+    relay_fd: int | None  # where to copy it to (inherited stdio under a limit)
+    capture: bool
+    limit_bytes: int | None
+    size: int = 0
+    chunks: list = field(default_factory=list)
+
+    def take(self, data: bytes) -> bool:
+        """Account for data; False once the output limit is passed."""
+        room = None if self.limit_bytes is None else self.limit_bytes - self.size
+        self.size += len(data)
+        if room is not None and len(data) > room:
+            data = data[: max(room, 0)]
+        if self.capture:
+            self.chunks.append(data)
+        elif self.relay_fd is not None and data:
+            _write_all(self.relay_fd, data)
+        return self.limit_bytes is None or self.size <= self.limit_bytes
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+        except BrokenPipeError:
+            return
+
+
+@dataclass
+class Run:
+    plan: Plan
+    cgroup: object
+    prep: child.Prepared
+    control_w: int = -1
+    report_r: int = -1
+    listener_sock: socket.socket | None = None
+    stage1_pid: int = 0
+    init_pid: int = 0
+    init_reaped: bool = False
+    streams: list = field(default_factory=list)
+    stdin_feed: tuple | None = None  # (fd, remaining bytes)
+    lines: list = field(default_factory=list)
+    partial: bytes = b""
+    started: float = 0.0
+    payload_started: float = 0.0
+    init_setup_cpu_s: float = 0.0
+    status: int | None = None
+    max_rss_kib: int = 0
+    tripped: tuple | None = None
+    violation: str | None = None
+    listener_fd: int | None = None
+    exec_errno: int | None = None
+    error: str | None = None
+    cpu_seen_s: float = 0.0
+    init_gone: bool = False
+    rusage: object = None
+
+
+def run(plan: Plan) -> result.Result:
+    """Run plan's command in a fresh sandbox and return what happened."""
+    from .kernel import cgroups
+
+    _become_subreaper()
+    cgroup = cgroups.open_run_cgroup(plan.limits, uuid.uuid4().hex[:12], plan.require_cgroup)
+    r = Run(plan, cgroup, _prepare(plan, cgroup))
+    try:
+        _start(r)
+        _watch(r)
+        _teardown(r)
+        return _report(r)
+    finally:
+        _kill(r)
+        _close_fds(r)
+        cgroup.close()
+
+
+def _prepare(plan: Plan, cgroup) -> child.Prepared:
+    """The compiled seccomp filter (cached on disk) and the payload's rlimits."""
+    seccomp_filter = None
+    if plan.seccomp_policy is not None:
+        from .kernel import seccomp
+
+        seccomp_filter = seccomp.prepare(plan.seccomp_policy)
+    limits = plan.limits
+    rlimits = list(cgroup.rlimits())
+    if limits.nofile_max is not None:
+        rlimits.append((resource.RLIMIT_NOFILE, limits.nofile_max, limits.nofile_max))
+    if limits.fsize_max_bytes is not None:
+        size = limits.fsize_max_bytes
+        rlimits.append((resource.RLIMIT_FSIZE, size, size))
+    if limits.cpu_time_s is not None:
+        # A per-process backstop; the supervisor enforces the whole-run sum first.
+        seconds = math.ceil(limits.cpu_time_s) + 1
+        rlimits.append((resource.RLIMIT_CPU, seconds, seconds))
+    return child.Prepared(seccomp_filter, tuple(rlimits))
+
+
+def _become_subreaper() -> None:
+    global _subreaper_set
+    if not _subreaper_set:
+        libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+        _subreaper_set = True
+
+
+def _start(r: Run) -> None:
+    """Fork stage 1, write its id maps, adopt its init. Raises SandboxError."""
+    fds = _open_channels(r)
+    me = os.getpid()
+    r.started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        child.stage1(r.plan, r.prep, fds, me, r.cgroup)
+    r.stage1_pid = pid
+    log.info("started the sandbox (stage 1 pid %d)", pid)
+    for fd in fds.close_in_parent:
+        os.close(fd)
+
+    _expect(r, "U")
+    _write_id_maps(r.plan, pid)
+    os.write(r.control_w, b"M")
+
+    init_line = _expect(r, "P")
+    r.init_pid = int(init_line.split()[1])
+    _, status, usage = os.wait4(pid, 0)
+    r.stage1_pid = 0
+    os.write(r.control_w, b"A")
+    log.info("sandbox init is pid %d on the host", r.init_pid)
+
+
+@dataclass
+class _Fds(child.ChildFds):
+    close_in_parent: tuple = ()
+
+
+def _open_channels(r: Run) -> _Fds:
+    plan = r.plan
+    control_r, r.control_w = os.pipe()
+    r.report_r, report_w = os.pipe()
+    child_side = [control_r, report_w]
+    sock_child = None
+    if r.prep.seccomp_filter is not None and r.prep.seccomp_filter.notify:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        r.listener_sock = parent_sock
+        sock_child = child_sock.detach()
+        child_side.append(sock_child)
+
+    stdin_fd = _open_stdin(r, child_side)
+    stdout_fd = _open_output(r, "stdout", plan.stdio.stdout_path, 1, child_side)
+    stderr_fd = _open_output(r, "stderr", plan.stdio.stderr_path, 2, child_side)
+    fd_sources = {}
+    if plan.box_dir:
+        fd_sources[plan.box_dir] = os.open(plan.box_dir, os.O_PATH | os.O_DIRECTORY)
+        child_side.append(fd_sources[plan.box_dir])
+
+    parent_side = [r.control_w, r.report_r] + [s.read_fd for s in r.streams]
+    if r.listener_sock is not None:
+        parent_side.append(r.listener_sock.fileno())
+    if r.stdin_feed is not None:
+        parent_side.append(r.stdin_feed[0])
+    return _Fds(
+        control=control_r,
+        report=report_w,
+        stdin=stdin_fd,
+        stdout=stdout_fd,
+        stderr=stderr_fd,
+        listener_sock=sock_child,
+        fd_sources=fd_sources,
+        close_in_child=tuple(parent_side),
+        close_in_parent=tuple(child_side),
+    )
+
+
+def _open_stdin(r: Run, child_side: list) -> int | None:
+    stdio = r.plan.stdio
+    if stdio.stdin_data is not None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        r.stdin_feed = (write_fd, stdio.stdin_data)
+        child_side.append(read_fd)
+        return read_fd
+    if stdio.stdin_path is not None:
+        fd = os.open(stdio.stdin_path, os.O_RDONLY)
+        child_side.append(fd)
+        return fd
+    return None
+
+
+def _open_output(r: Run, name: str, path: str | None, std_fd: int, child_side: list):
+    """The fd the payload gets for stdout or stderr. A file is handed over directly
+    (its size is bounded by RLIMIT_FSIZE); capture and limits go through a pipe."""
+    limit = r.plan.limits.output_max_bytes
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        child_side.append(fd)
+        return fd
+    if not r.plan.stdio.capture and limit is None:
+        return None
+    read_fd, write_fd = os.pipe()
+    relay = None if r.plan.stdio.capture else std_fd
+    r.streams.append(Stream(name, read_fd, relay, r.plan.stdio.capture, limit))
+    child_side.append(write_fd)
+    return write_fd
+
+
+def _expect(r: Run, kind: str) -> str:
+    """Wait for the next line from the sandbox; it must be of the given kind."""
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    while not r.lines:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([r.report_r], [], [], remaining)[0]:
+            raise SandboxError(f"the sandbox did not finish setting up in {SETUP_TIMEOUT_S} s")
+        if not _read_report(r):
+            break
+    line = r.lines.pop(0) if r.lines else ""
+    if line.startswith("E "):
+        raise SandboxError(f"sandbox setup failed: {line[2:]}")
+    if not line.startswith(kind):
+        raise SandboxError(f"sandbox setup failed: unexpected message {line!r}")
+    return line
+
+
+def _read_report(r: Run) -> bool:
+    data = os.read(r.report_r, 4096)
+    if not data:
+        return False
+    r.partial += data
+    *complete, r.partial = r.partial.split(b"\n")
+    r.lines += [line.decode() for line in complete]
+    return True
+
+
+def _write_id_maps(plan: Plan, pid: int) -> None:
+    """Write the child's uid and gid maps (user_namespaces(7), "Defining user and group
+    ID mappings"). An unprivileged writer must first deny setgroups for gid_map."""
+    ids = plan.ids
+    if ids.use_helpers:
+        for tool, maps in (("newuidmap", ids.uid_map), ("newgidmap", ids.gid_map)):
+            args = [str(n) for m in maps for n in (m.inside, m.outside, m.count)]
+            done = subprocess.run([tool, str(pid), *args], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SandboxError(f"{tool} failed: {done.stderr.strip()}")
+        return
+    try:
+        _write_proc(pid, "setgroups", "deny")
+        _write_proc(pid, "uid_map", ids.uid_map_text)
+        _write_proc(pid, "gid_map", ids.gid_map_text)
+    except OSError as e:
+        hint = (
+            "the kernel refused the id map; an unprivileged user may map only its own "
+            "uid and gid (run `sbx doctor`)"
+            if e.errno == errno.EPERM
+            else ""
+        )
+        raise kernel_error(f"writing {e.filename}", e.errno or 0, hint) from e
+
+
+def _write_proc(pid: int, name: str, text: str) -> None:
+    path = f"/proc/{pid}/{name}"
+    log.debug("write %s: %r", path, text)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        e.filename = path
+        raise
+    try:
+        os.write(fd, text.encode())
+    except OSError as e:
+        e.filename = path
+        raise
+    finally:
+        os.close(fd)
+
+
+def _watch(r: Run) -> None:
+    """Until the payload exits or a limit trips: drain output, feed stdin, take
+    seccomp violations, and check the wall clock and CPU time."""
+    limits = r.plan.limits
+    r.payload_started = time.monotonic()
+    wall_deadline = None if limits.wall_timeout_s is None else r.started + limits.wall_timeout_s
+    poller = select.poll()
+    handlers = {r.report_r: _on_report}
+    for stream in r.streams:
+        handlers[stream.read_fd] = _stream_handler(stream)
+    if r.listener_sock is not None:
+        handlers[r.listener_sock.fileno()] = _on_listener_sock
+    if r.stdin_feed is not None:
+        handlers[r.stdin_feed[0]] = _on_stdin_writable
+        poller.register(r.stdin_feed[0], select.POLLOUT)
+    for fd in handlers:
+        if r.stdin_feed is None or fd != r.stdin_feed[0]:
+            poller.register(fd, select.POLLIN)
+
+    while not (r.status is not None or r.tripped or r.error or r.init_gone):
+        timeout_s = 1.0
+        if limits.cpu_time_s is not None:
+            timeout_s = CPU_POLL_S
+        if wall_deadline is not None:
+            timeout_s = max(0.0, min(timeout_s, wall_deadline - time.monotonic()))
+        for fd, events in poller.poll(timeout_s * 1000):
+            if not handlers[fd](r, fd, events):
+                poller.unregister(fd)
+                handlers.pop(fd)
+            if r.listener_fd is not None and r.listener_fd not in handlers:
+                handlers[r.listener_fd] = _on_violation
+                poller.register(r.listener_fd, select.POLLIN)
+        if wall_deadline is not None and time.monotonic() >= wall_deadline:
+            _trip(r, "TLE", "wall")
+        elif limits.cpu_time_s is not None and _cpu_so_far(r) >= limits.cpu_time_s:
+            _trip(r, "TLE", "cpu")
+
+
+def _trip(r: Run, verdict: str, reason: str) -> None:
+    if r.tripped is None:
+        log.info("limit reached: %s (%s); killing the run", verdict, reason)
+        r.tripped = (verdict, reason)
+
+
+def _cpu_so_far(r: Run) -> float:
+    cgroup_ns = r.cgroup.cpu_time_ns()
+    if cgroup_ns is not None:
+        r.cpu_seen_s = cgroup_ns / 1e9 - r.init_setup_cpu_s
+    else:
+        r.cpu_seen_s = procstat.tree_cpu_s(r.init_pid)
+    return r.cpu_seen_s
+
+
+def _on_report(r: Run, fd: int, events: int) -> bool:
+    alive = _read_report(r)
+    _handle_lines(r)
+    if not alive:
+        r.init_gone = True
+    return alive
+
+
+def _handle_lines(r: Run) -> None:
+    while r.lines:
+        line = r.lines.pop(0)
+        kind, _, rest = line.partition(" ")
+        if kind == "S":
+            status, rss, utime, stime = rest.split()
+            r.status, r.max_rss_kib = int(status), int(rss)
+            r.init_setup_cpu_s = float(utime) + float(stime)
+        elif kind == "X":
+            r.exec_errno = int(rest)
+        elif kind == "E":
+            r.error = f"sandbox setup failed: {rest}"
+
+
+def _stream_handler(stream: Stream):
+    def handle(r: Run, fd: int, events: int) -> bool:
+        data = os.read(fd, READ_CHUNK)
+        if not data:
+            return False
+        if not stream.take(data):
+            _trip(r, "OLE", "output")
+        return True
+
+    return handle
+
+
+def _on_stdin_writable(r: Run, fd: int, events: int) -> bool:
+    write_fd, remaining = r.stdin_feed
+    try:
+        written = os.write(write_fd, remaining[:READ_CHUNK]) if remaining else 0
+    except (BrokenPipeError, BlockingIOError) as e:
+        written = 0 if isinstance(e, BlockingIOError) else len(remaining)
+    remaining = remaining[written:]
+    r.stdin_feed = (write_fd, remaining)
+    if not remaining:
+        os.close(write_fd)
+        r.stdin_feed = None
+        return False
+    return True
+
+
+def _on_listener_sock(r: Run, fd: int, events: int) -> bool:
+    _, fds, _, _ = socket.recv_fds(r.listener_sock, 16, 1)
+    if fds:
+        r.listener_fd = fds[0]
+    return False
+
+
+def _on_violation(r: Run, fd: int, events: int) -> bool:
+    """A notification from the seccomp filter: a kill action was hit. A hang-up alone
+    only says that every process using the filter is gone."""
+    if not events & select.POLLIN:
+        return False
+    from .kernel import seccomp
+
+    r.violation = seccomp.read_violation(fd)
+    log.info("seccomp violation: %s; killing the run", r.violation)
+    _trip(r, "SV", "seccomp")
+    return False
+
+
+def _teardown(r: Run) -> None:
+    """Kill what is left of the run (its init's death kills the pid namespace), reap
+    it, then drain what the payload wrote before it died."""
+    _kill(r)
+    for stream in r.streams:
+        while data := os.read(stream.read_fd, READ_CHUNK):
+            if not stream.take(data):
+                _trip(r, "OLE", "output")
+                break
+    # Every writer of the report pipe is dead now: read it to its end.
+    while _read_report(r):
+        pass
+    _handle_lines(r)
+
+
+def _kill(r: Run) -> None:
+    if r.stage1_pid:
+        os.kill(r.stage1_pid, signal.SIGKILL)
+        os.waitpid(r.stage1_pid, 0)
+        r.stage1_pid = 0
+    if r.init_pid and not r.init_reaped:
+        os.kill(r.init_pid, signal.SIGKILL)
+        r.cgroup.kill()
+        _, _, usage = os.wait4(r.init_pid, 0)
+        r.init_reaped = True
+        r.rusage = usage
+        log.info("the run is over; nothing of it is left")
+
+
+def _close_fds(r: Run) -> None:
+    fds = [r.control_w, r.report_r, r.listener_fd] + [s.read_fd for s in r.streams]
+    if r.stdin_feed is not None:
+        fds.append(r.stdin_feed[0])
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    if r.listener_sock is not None:
+        r.listener_sock.close()
+
+
+def _report(r: Run) -> result.Result:
+    if r.error is not None:
+        raise SandboxError(r.error)
+    if r.exec_errno is not None:
+        raise ExecError(r.plan.argv[0], r.exec_errno)
+    wall = time.monotonic() - r.payload_started
+    usage = r.rusage
+    user = max(0.0, usage.ru_utime - r.init_setup_cpu_s)
+    system = usage.ru_stime
+    total = user + system
+    cgroup_ns = r.cgroup.cpu_time_ns()
+    if cgroup_ns is not None:
+        total = max(0.0, cgroup_ns / 1e9 - r.init_setup_cpu_s)
+    oom = r.cgroup.oom_killed()
+    verdict, reason = result.decide(r.status, r.tripped, oom, r.violation)
+    limits = r.plan.limits
+    if verdict == "RE" and limits.cpu_time_s is not None and total >= limits.cpu_time_s:
+        verdict, reason = "TLE", "cpu"
+    peak = r.cgroup.peak_memory_bytes()
+    out = result.Result(
+        verdict=verdict,
+        reason=reason,
+        cpu_time_s={"user": round(user, 4), "system": round(system, 4), "total": round(total, 4)},
+        wall_time_s=round(wall, 4),
+        peak_memory_bytes=peak if peak is not None else r.max_rss_kib * 1024,
+        oom_killed=oom,
+        limits=_limit_report(r),
+        violation={"syscall": r.violation} if r.violation else None,
+        warnings=list(r.cgroup.warnings),
+    )
+    if r.status is not None:
+        sig = result.signal_of(r.status)
+        out.signal = result.signal_name(sig) if sig else None
+        out.exit_code = None if sig else result.exit_of(r.status)
+    elif r.tripped is not None:
+        out.signal = "SIGKILL"
+    for stream in r.streams:
+        if stream.capture:
+            setattr(out, stream.name, b"".join(stream.chunks))
+    return out
+
+
+def _limit_report(r: Run) -> dict:
+    limits = r.plan.limits
+    mech = r.cgroup.mechanisms
+    report = {
+        "memory_max_bytes": (limits.memory_max_bytes, mech.get("memory", "none")),
+        "pids_max": (limits.pids_max, mech.get("pids", "none")),
+        "cpus": (limits.cpus, mech.get("cpus", "none")),
+        "cpu_time_s": (limits.cpu_time_s, mech.get("cpu_time", "supervisor")),
+        "wall_timeout_s": (limits.wall_timeout_s, "supervisor"),
+        "output_max_bytes": (limits.output_max_bytes, "supervisor"),
+        "fsize_max_bytes": (limits.fsize_max_bytes, "rlimit"),
+        "nofile_max": (limits.nofile_max, "rlimit"),
+        "tmpfs_size_bytes": (limits.tmpfs_size_bytes, "tmpfs"),
+    }
+    return {
+        name: {"value": value, "mechanism": mechanism if value is not None else "none"}
+        for name, (value, mechanism) in report.items()
+    }
