@@ -45,3 +45,50 @@ def run_app(args: list[str]) -> int:
             return e.exit_code
         raise
     return 0
+
+
+profile_app = typer.Typer(no_args_is_help=True, help="List, show and check profiles.")
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.command("list")
+def profile_list() -> None:
+    """The named profiles and what each is for."""
+    from . import profiles
+
+    for name in profiles.list_profiles():
+        description = profiles.resolve(name).get("description", "")
+        typer.echo(f"{name:<12} {description}")
+
+
+@profile_app.command("show")
+def profile_show(name: str = typer.Argument(..., help="profile name or path")) -> None:
+    """A profile fully resolved (parents applied), as JSON."""
+    import json
+
+    from . import profiles
+
+    typer.echo(json.dumps(profiles.resolve(name), indent=2, sort_keys=True))
+
+
+@profile_app.command("check")
+def profile_check(path: str = typer.Argument(..., help="a profile (.toml) or an OCI seccomp policy (.json)")) -> None:
+    """Validate a profile or a seccomp policy; errors name the file and the field."""
+    from . import profiles, seccomp_policy
+
+    if path.endswith(".json"):
+        policy = seccomp_policy.load_policy(path)
+        typer.echo(f"{path}: valid seccomp policy ({len(policy.rules)} rules)")
+        return
+    resolved = profiles.resolve(path)
+    if "seccomp" in resolved:
+        seccomp_policy.load_policy(resolved["seccomp"])
+    typer.echo(f"{path}: valid profile")
+
+
+@app.command("version")
+def version() -> None:
+    """Print sbx's version."""
+    from . import __version__
+
+    typer.echo(__version__)

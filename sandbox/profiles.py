@@ -131,6 +131,17 @@ def find(name_or_path: str) -> Path:
     return path.resolve()
 
 
+def _unknown(source: str, field: str, allowed: list[str]) -> UsageError:
+    from difflib import get_close_matches
+
+    name = field.rpartition(".")[2]
+    guess = get_close_matches(name, allowed, n=1)
+    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    return UsageError(
+        f"{source}: unknown field {field!r}; {hint}allowed: {', '.join(allowed)}"
+    )
+
+
 def validate(raw: dict, source: str) -> dict:
     """Check one file's fields; the error names the file and the field."""
     out: dict = {}
@@ -141,16 +152,12 @@ def validate(raw: dict, source: str) -> dict:
             out["limits"] = {}
             for lkey, lvalue in value.items():
                 if lkey not in LIMIT_FIELDS:
-                    allowed = ", ".join(LIMIT_FIELDS)
-                    raise UsageError(
-                        f"{source}: unknown field limits.{lkey}; allowed: {allowed}"
-                    )
+                    raise _unknown(source, f"limits.{lkey}", list(LIMIT_FIELDS))
                 out["limits"][lkey] = LIMIT_FIELDS[lkey](lvalue, f"{source}: limits.{lkey}")
         elif key in TOP_FIELDS:
             out[key] = TOP_FIELDS[key](value, f"{source}: {key}")
         else:
-            allowed = ", ".join([*TOP_FIELDS, "limits"])
-            raise UsageError(f"{source}: unknown field {key!r}; allowed: {allowed}")
+            raise _unknown(source, key, [*TOP_FIELDS, "limits"])
     return out
 
 
