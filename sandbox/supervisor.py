@@ -333,6 +333,7 @@ def _watch(r: Run) -> None:
         if r.stdin_feed is None or fd != r.stdin_feed[0]:
             poller.register(fd, select.POLLIN)
 
+    listening = False
     while not (r.status is not None or r.tripped or r.error or r.init_gone):
         timeout_s = 1.0
         if limits.cpu_time_s is not None:
@@ -343,7 +344,8 @@ def _watch(r: Run) -> None:
             if not handlers[fd](r, fd, events):
                 poller.unregister(fd)
                 handlers.pop(fd)
-            if r.listener_fd is not None and r.listener_fd not in handlers:
+            if r.listener_fd is not None and not listening:
+                listening = True
                 handlers[r.listener_fd] = _on_violation
                 poller.register(r.listener_fd, select.POLLIN)
         if wall_deadline is not None and time.monotonic() >= wall_deadline:
