@@ -54,7 +54,6 @@ class ChildFds:
     stderr: int | None
     listener_sock: int | None  # socket that carries the seccomp listener fd
     fd_sources: dict  # bind source path -> O_PATH fd
-    close_in_child: tuple  # the supervisor's ends, closed right after fork
 
 
 def _say(fds: ChildFds, line: str) -> None:
@@ -80,9 +79,11 @@ def _fail(fds: ChildFds, error: BaseException) -> None:
 
 def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgroup) -> None:
     try:
-        for fd in fds.close_in_child:
-            os.close(fd)
         cgroup.join_self()
+        # Keep only this run's descriptors: a caller running several sandboxes from
+        # threads must not leak one run's pipes into another (they would hold its
+        # output open until this run ends).
+        _close_all_but({0, 1, 2, *_child_fds(fds)})
         if os.geteuid() == 0:
             _leave_root(plan)
         # Die with the supervisor (set after any credential change, which clears it).
@@ -135,9 +136,28 @@ def stage2(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
         payload_pid = os.fork()
         if payload_pid == 0:
             stage3(plan, prep, fds)
+        _forward_signals(payload_pid)
         _reap_until(payload_pid, fds)
     except BaseException as e:  # noqa: BLE001
         _fail(fds, e)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+FORWARDED += (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _forward_signals(payload_pid: int) -> None:
+    """The supervisor stops a run politely by signalling init (`sbx stop`, Ctrl-C):
+    pass those signals on to the payload, as an init process does."""
+
+    def forward(sig: int, frame: object) -> None:
+        try:
+            os.kill(payload_pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
 
 
 def _reap_until(payload_pid: int, fds: ChildFds) -> None:
@@ -198,13 +218,25 @@ def _set_ids(plan: Plan) -> None:
     os.setresuid(plan.ids.uid, plan.ids.uid, plan.ids.uid)
 
 
-def _close_other_fds(fds: ChildFds) -> None:
-    keep = sorted({fds.report} | ({fds.listener_sock} if fds.listener_sock else set()))
-    low = 3
-    for fd in keep:
-        os.closerange(low, fd)
+def _child_fds(fds: ChildFds) -> set[int]:
+    named = (fds.control, fds.report, fds.stdin, fds.stdout, fds.stderr, fds.listener_sock)
+    return {fd for fd in named if fd is not None} | set(fds.fd_sources.values())
+
+
+def _close_all_but(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, 1 << 20)
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _close_other_fds(fds: ChildFds) -> None:
+    keep = {0, 1, 2, fds.report}
+    if fds.listener_sock is not None:
+        keep.add(fds.listener_sock)
+    _close_all_but(keep)
 
 
 def _install_seccomp(prep: Prepared, fds: ChildFds) -> None:

@@ -7,6 +7,7 @@ init becomes its direct child and can be killed and reaped without any pid-reuse
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -16,8 +17,10 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import child, result
@@ -99,8 +102,12 @@ class Run:
     rusage: object = None
 
 
-def run(plan: Plan) -> result.Result:
-    """Run plan's command in a fresh sandbox and return what happened."""
+def run(plan: Plan, on_start: Callable[[int, object], None] | None = None) -> result.Result:
+    """Run plan's command in a fresh sandbox and return what happened.
+
+    on_start(init_pid, cgroup) is called once the sandbox's init runs (instances
+    record it to enter the sandbox and read its statistics later).
+    """
     from .kernel import cgroups
 
     _become_subreaper()
@@ -108,13 +115,40 @@ def run(plan: Plan) -> result.Result:
     r = Run(plan, cgroup, _prepare(plan, cgroup))
     try:
         _start(r)
-        _watch(r)
+        if on_start is not None:
+            on_start(r.init_pid, cgroup)
+        with _forwarding_signals(r):
+            _watch(r)
         _teardown(r)
         return _report(r)
     finally:
         _kill(r)
         _close_fds(r)
         cgroup.close()
+
+
+@contextlib.contextmanager
+def _forwarding_signals(r: Run):
+    """SIGINT, SIGTERM and SIGHUP to sbx are passed to the payload through init; a
+    second SIGINT stops waiting and kills the run. Only the main thread can do this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = []
+
+    def forward(sig: int, frame: object) -> None:
+        if sig == signal.SIGINT and seen:
+            raise KeyboardInterrupt
+        seen.append(sig)
+        os.kill(r.init_pid, sig)
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _prepare(plan: Plan, cgroup) -> child.Prepared:
@@ -195,11 +229,6 @@ def _open_channels(r: Run) -> _Fds:
         fd_sources[plan.box_dir] = os.open(plan.box_dir, os.O_PATH | os.O_DIRECTORY)
         child_side.append(fd_sources[plan.box_dir])
 
-    parent_side = [r.control_w, r.report_r] + [s.read_fd for s in r.streams]
-    if r.listener_sock is not None:
-        parent_side.append(r.listener_sock.fileno())
-    if r.stdin_feed is not None:
-        parent_side.append(r.stdin_feed[0])
     return _Fds(
         control=control_r,
         report=report_w,
@@ -208,7 +237,6 @@ def _open_channels(r: Run) -> _Fds:
         stderr=stderr_fd,
         listener_sock=sock_child,
         fd_sources=fd_sources,
-        close_in_child=tuple(parent_side),
         close_in_parent=tuple(child_side),
     )
 
