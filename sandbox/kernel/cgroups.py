@@ -605,6 +605,20 @@ def _remove_dir(path: str, procs_path: str, kill) -> bool:
         delay = min(delay * 2, 0.05)
 
 
+def freeze_and_kill(path: str) -> None:
+    """Kill every task of a cgroup v2 without cgroup.kill (Linux 5.2 to 5.13):
+    freeze it, so nothing forks while we kill, then thaw it so the SIGKILLs land."""
+    _write(os.path.join(path, "cgroup.freeze"), "1")
+    try:
+        deadline = time.monotonic() + 1.0
+        events = os.path.join(path, "cgroup.events")
+        while _read_key(events, "frozen") != 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        _kill_all(os.path.join(path, "cgroup.procs"))
+    finally:
+        _write(os.path.join(path, "cgroup.freeze"), "0")
+
+
 class Cgroup2Run(RunCgroup):
     """A leaf cgroup in a delegated cgroup v2 subtree."""
 
@@ -649,17 +663,8 @@ class Cgroup2Run(RunCgroup):
     def kill(self) -> None:
         if os.path.exists(self._file("cgroup.kill")):
             _write(self._file("cgroup.kill"), "1")
-            return
-        # Before Linux 5.14: freeze, so nothing forks while we kill, then thaw to
-        # let the SIGKILLs be delivered.
-        _write(self._file("cgroup.freeze"), "1")
-        deadline = time.monotonic() + 1.0
-        while _read_key(self._file("cgroup.events"), "frozen") != 1:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
-        _kill_all(self._file("cgroup.procs"))
-        _write(self._file("cgroup.freeze"), "0")
+        else:
+            freeze_and_kill(self.path)
 
     def close(self) -> None:
         if self._closed:
@@ -841,7 +846,8 @@ def _prepare_v2_parent(facts: CgroupFacts, controllers: frozenset) -> str:
         err = e.__cause__.errno if isinstance(e.__cause__, OSError) else 0
         if moved_to:
             _move_back(base, moved_to)
-        others = _read_procs(os.path.join(base, "cgroup.procs"))
+        procs = _read_procs(os.path.join(base, "cgroup.procs"))
+        others = [pid for pid in procs if pid != os.getpid()]
         detail = _explain_v2_errno(err, base)
         if err == errno.EBUSY and others:
             detail = f"{base} holds other processes ({others[:5]}); {detail}"

@@ -220,3 +220,124 @@ def test_require_cgroup_refusal_as_root_is_not_raised_here():
         assert run.mechanisms["pids"] == "cgroup1"
     finally:
         run.close()
+
+
+# --- delegated cgroup v2, in the VM --------------------------------------------------
+
+# Runs first while the VM's shell is still in the delegated scope: the scope cannot
+# enable controllers for children (no internal processes), and sbx must say so.
+VM_BUSY = """
+import json, sys
+from sandbox.errors import SandboxError
+from sandbox.kernel import cgroups
+from sandbox.plan import Limits
+limits = Limits(memory_max_bytes=64 << 20)
+try:
+    cgroups.open_run_cgroup(limits, "busy", True)
+    strict = None
+except SandboxError as e:
+    strict = str(e)
+loose = cgroups.open_run_cgroup(limits, "busy2", False)
+print(json.dumps({"strict": strict, "loose": loose.mechanisms}))
+"""
+# Then the shell execs into this one, leaving the scope to sbx.
+VM_MAIN = """
+import json, os, signal, subprocess, sys, time
+from sandbox.kernel import cgroups
+from sandbox.plan import Limits
+out = {}
+scope = os.environ["SBX_VM_CGROUP"]
+
+def start(run, code, **kw):
+    argv = [sys.executable, "-c", code]
+    return subprocess.Popen(argv, preexec_fn=run.join_self, **kw)
+
+limits = Limits(memory_max_bytes=64 << 20, pids_max=16, cpus=0.5, cpu_time_s=5.0)
+run = cgroups.open_run_cgroup(limits, "mem", True)
+out["mechanisms"] = run.mechanisms
+out["warnings"] = run.warnings
+out["leaf"] = run.path
+out["self"] = open("/proc/self/cgroup").read().strip()
+out["cpu.max"] = open(run.path + "/cpu.max").read().strip()
+out["swap.max"] = open(run.path + "/memory.swap.max").read().strip()
+child = start(run, TOUCH_200MB)
+out["mem_rc"] = child.wait()
+out["oom"] = run.oom_killed()
+out["peak"] = run.peak_memory_bytes()
+run.close()
+out["mem_leaf_left"] = os.path.exists(run.path)
+
+run = cgroups.open_run_cgroup(limits, "pids", True)
+child = start(run, FORK_MANY, stdout=subprocess.PIPE, text=True)
+out["forks"] = child.stdout.readline().split()
+out["pids_before_kill"] = len(run.pids())
+run.kill()
+out["pids_rc"] = child.wait()
+time.sleep(0.2)
+out["pids_after_kill"] = run.pids()
+run.close()
+
+run = cgroups.open_run_cgroup(limits, "cpu", True)
+out["cpu_rc"] = start(run, SPIN_300MS).wait()
+out["cpu_ns"] = run.cpu_time_ns()
+child = start(run, FORK_MANY, stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+cgroups.freeze_and_kill(run.path)
+out["freezer_rc"] = child.wait()
+child.stdout.close()
+run.close()
+out["left"] = sorted(os.listdir(scope))
+print(json.dumps(out))
+"""
+
+
+def _vm_script(tree: str) -> str:
+    head = f"cd / && export PYTHONPATH={tree}\n"
+    busy = f"/usr/bin/python3 - <<'EOF'\n{VM_BUSY}\nEOF\n"
+    defs = "\n".join(
+        f"{name} = {globals()[name]!r}"
+        for name in ("TOUCH_200MB", "FORK_MANY", "SPIN_300MS")
+    )
+    main = VM_MAIN.replace("out = {}", defs + "\nout = {}")
+    return head + busy + f"exec /usr/bin/python3 - <<'EOF'\n{main}\nEOF\n"
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_delegated_cgroup2_in_vm(sbx_tree):
+    from tests.vm import harness
+
+    reason = harness.unavailable_reason()
+    if reason:
+        pytest.skip(f"the cgroup v2 VM cannot run here: {reason}")
+    if str(sbx_tree).startswith("/tmp"):
+        pytest.skip(f"the VM hides the host's /tmp, where the tree is: {sbx_tree}")
+    done = harness.run_in_vm(_vm_script(str(sbx_tree)), timeout_s=240)
+    assert done.returncode == 0, done.stderr + done.console[-2000:]
+    busy_line, main_line = done.stdout.strip().splitlines()[-2:]
+    busy, out = json.loads(busy_line), json.loads(main_line)
+
+    assert "no-internal-processes" in busy["strict"]
+    assert "holds other processes" in busy["strict"]
+    assert "\n" not in busy["strict"]
+    assert busy["loose"]["memory"] == "rlimit"
+
+    assert set(out["mechanisms"].values()) == {"cgroup2"}
+    assert out["warnings"] == []
+    # The supervisor moved itself into a leaf of the delegated scope.
+    assert out["self"].startswith("0::/user.slice/")
+    assert "/sbx-vm.scope/sbx-sup-" in out["self"]
+    assert out["leaf"].endswith("/sbx-mem")
+    assert out["cpu.max"] == "50000 100000" and out["swap.max"] == "0"
+    assert out["mem_rc"] == -signal.SIGKILL and out["oom"] is True
+    assert 48 << 20 <= out["peak"] <= 64 << 20
+    assert out["mem_leaf_left"] is False
+    made, how = out["forks"]
+    assert how == "refused" and int(made) < 16
+    assert out["pids_rc"] == -signal.SIGKILL and out["pids_after_kill"] == []
+    assert out["cpu_rc"] == 0 and out["cpu_ns"] >= 0.3e9
+    assert out["freezer_rc"] == -signal.SIGKILL
+    # Only the supervisor's own leaf is left while it runs; the run leaves are gone.
+    assert [n for n in out["left"] if n.startswith("sbx-")] == [
+        n for n in out["left"] if n.startswith("sbx-sup-")
+    ]
