@@ -99,9 +99,10 @@ class _CheckedReader:
     """A read-only stream that turns every decoding failure into ArchiveError, so
     callers can tell a damaged archive (bad input) from a failing store (host)."""
 
-    def __init__(self, raw: BinaryIO, label: str) -> None:
+    def __init__(self, raw: BinaryIO, label: str, underlying: BinaryIO) -> None:
         self._raw = raw
         self._label = label
+        self._underlying = underlying
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -112,7 +113,11 @@ class _CheckedReader:
             raise ArchiveError(f"{self._label} is corrupt ({exc})") from exc
 
     def close(self) -> None:
-        self._raw.close()
+        # The decompressors do not close a file object they were handed.
+        try:
+            self._raw.close()
+        finally:
+            self._underlying.close()
 
 
 def _decompressed(path: str, label: str) -> _CheckedReader:
@@ -133,7 +138,7 @@ def _decompressed(path: str, label: str) -> _CheckedReader:
     }
     stream = openers[kind]() if kind in openers else raw
     log.debug("reading %s (%s compression)", path, kind)
-    return _CheckedReader(stream, label)
+    return _CheckedReader(stream, label, raw)
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -200,8 +205,10 @@ def _members(archive: tarfile.TarFile, label: str) -> EntryStream:
     while True:
         try:
             member = archive.next()
-        except (tarfile.TarError, _HeaderProblem) as exc:
+        except _HeaderProblem as exc:
             raise ArchiveError(f"{label} {exc}") from exc
+        except tarfile.TarError as exc:
+            raise ArchiveError(f"{label} is truncated or damaged ({exc})") from exc
         if member is None:
             return
         kind = _kind_of_member(member)
