@@ -413,8 +413,8 @@ def _fallback(key: str, limits: Limits, facts: CgroupFacts, backend: str):
     return (
         "supervisor",
         [],
-        f"CPU time limit watched by the supervisor ({where}): without a cgroup, "
-        "the CPU time of processes that exit between two looks may be missed",
+        f"CPU time limit watched by the supervisor ({where}): summed from /proc, "
+        "it misses processes nobody reaps (each is still bound by RLIMIT_CPU)",
     )
 
 
@@ -825,7 +825,11 @@ def _reap_stale_supervisor_leaves(parent: str) -> None:
 def _prepare_v2_parent(facts: CgroupFacts, controllers: frozenset) -> str:
     """Enable `controllers` for the children of our cgroup, moving this process into
     a leaf first (no internal processes: a cgroup that distributes memory, pids or
-    cpu to children may hold no process itself, the root cgroup excepted)."""
+    cpu to children may hold no process itself, the root cgroup excepted).
+
+    The supervisor's leaf outlives this process: it cannot move back once the
+    controllers are enabled. The next sbx in this cgroup removes such empty leaves
+    of supervisors that are gone; a systemd scope removes them with itself."""
     base = facts.v2_dir
     assert base is not None
     _reap_stale_supervisor_leaves(base)

@@ -294,3 +294,8 @@ def test_swap_without_memsw_is_warned():
     plan = cg.plan_mechanisms(facts, Limits(memory_max_bytes=1 << 20))
     assert plan.mechanisms["memory"] == "cgroup1"
     assert any("swapaccount=1" in w for w in plan.warnings)
+
+
+def test_no_systemd_reexec_twice():
+    environ = {cg.SCOPE_ENV: "1", "XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert cg.systemd_scope_command(["sbx", "exec", "true"], environ) is None
