@@ -36,7 +36,14 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
     resolved = profiles.resolve(profile or "default")
     caller = (os.getuid(), os.getgid())
     subids = hostinfo.subordinate_ids(*caller)
-    return make_plan(resolved, parsed, argv, caller, hostinfo.host_layout(), subids)
+    lowerdirs = None
+    rootfs = parsed.get("rootfs") or resolved.get("rootfs", "host")
+    if rootfs != "host":
+        from . import rootfs as images
+
+        lowerdirs = images.image_lowerdirs(rootfs)
+    layout = hostinfo.host_layout()
+    return make_plan(resolved, parsed, argv, caller, layout, subids, lowerdirs)
 
 
 def run(argv: list[str], profile: str | None = None, **options) -> Result:

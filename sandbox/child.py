@@ -53,7 +53,6 @@ class ChildFds:
     stdout: int | None
     stderr: int | None
     listener_sock: int | None  # socket that carries the seccomp listener fd
-    fd_sources: dict  # bind source path -> O_PATH fd
 
 
 def _say(fds: ChildFds, line: str) -> None:
@@ -84,8 +83,9 @@ def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgrou
         # threads must not leak one run's pipes into another (they would hold its
         # output open until this run ends).
         _close_all_but({0, 1, 2, *_child_fds(fds)})
-        if os.geteuid() == 0:
-            _leave_root(plan)
+        switch_to = plan.ids.switch_to if os.geteuid() == 0 else None
+        if switch_to is not None:
+            places = _leave_root(plan, switch_to)
         # Die with the supervisor (set after any credential change, which clears it).
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != supervisor_pid:
@@ -93,31 +93,36 @@ def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgrou
         libc.unshare(NAMESPACES)
         _say(fds, "U")
         _await(fds, b"M")
+        if switch_to is None:
+            places = mounts.prepare_transfers(plan.caller_paths)
         socket.sethostname(plan.hostname)
         net.loopback_up()
         init_pid = os.fork()
         if init_pid == 0:
-            stage2(plan, prep, fds)
+            stage2(plan, prep, fds, places)
         _say(fds, f"P {init_pid}")
         os._exit(0)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor
         _fail(fds, e)
 
 
-def _leave_root(plan: Plan) -> None:
-    """A root caller's sandbox never runs as host root: drop to the payload's host ids
-    before unsharing, so the new user namespace belongs to an unprivileged id."""
+def _leave_root(plan: Plan, switch_to: tuple[int, int]) -> dict[str, str]:
+    """A root caller's sandbox never runs as host root: bind the caller's paths into
+    a private staging area while still root, then drop to the payload's host ids
+    before unsharing, so the new user namespace belongs to an unprivileged id (and
+    the files it creates have an owner mapped in it)."""
     os.setgroups([])
-    target = plan.ids.switch_to
-    if target is None:
-        return
-    os.setresgid(target[1], target[1], target[1])
-    os.setresuid(target[0], target[0], target[0])
+    libc.unshare(libc.CLONE_NEWNS)
+    places = mounts.prepare_transfers(plan.caller_paths)
+    uid, gid = switch_to
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
     # A credential change made us non-dumpable; /proc/self must stay ours.
     libc.prctl(libc.PR_SET_DUMPABLE, 1)
+    return places
 
 
-def stage2(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
+def stage2(plan: Plan, prep: Prepared, fds: ChildFds, places: dict) -> None:
     """The sandbox's init. Never the payload: a payload as PID 1 would not die of the
     signals it does not handle (pid_namespaces(7))."""
     try:
@@ -129,10 +134,9 @@ def stage2(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
             os._exit(1)
         for sig in set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
             signal.signal(sig, signal.SIG_IGN)
-        mounts.build_root(plan.mounts, fds.fd_sources)
-        mounts.enter_root()
-        for fd in fds.fd_sources.values():
-            os.close(fd)
+        root_mode = mounts.build_root(plan.mounts, places)
+        mounts.enter_root(root_mode)
+        _say(fds, f"F {root_mode}")
         payload_pid = os.fork()
         if payload_pid == 0:
             stage3(plan, prep, fds)
@@ -220,7 +224,7 @@ def _set_ids(plan: Plan) -> None:
 
 def _child_fds(fds: ChildFds) -> set[int]:
     named = (fds.control, fds.report, fds.stdin, fds.stdout, fds.stderr, fds.listener_sock)
-    return {fd for fd in named if fd is not None} | set(fds.fd_sources.values())
+    return {fd for fd in named if fd is not None}
 
 
 def _close_all_but(keep: set[int]) -> None:

@@ -80,8 +80,10 @@ class IdPlan:
 class Mount:
     """One step of building the new root, applied in order.
 
-    kind: "tmpfs", "bind" (source is a host path), "proc", "symlink" (source is
-    the link's text), "file" (data is written into a new file), "dir".
+    kind: "root-tmpfs" or "root-overlay" (the new root itself, always first; an
+    overlay's source is its lower directories joined with ':'), "tmpfs", "bind"
+    (source is a host path), "proc", "symlink" (source is the link's text), "file"
+    (data is written into a new file), "dir".
     target is an absolute path inside the sandbox.
     """
 
@@ -137,6 +139,18 @@ class Plan:
     profile: str = "default"
     box_dir: str | None = None  # host directory bound at /box, if any
     rootfs: str = "host"
+
+
+def _caller_paths(self: Plan) -> tuple[str, ...]:
+    """Host directories the sandbox binds from the caller's view (--dir, an image's
+    layers), made reachable before any credential change (see kernel/mounts.py)."""
+    paths = (self.box_dir,) if self.box_dir else ()
+    if self.mounts and self.mounts[0].kind == "root-overlay":
+        paths += tuple(self.mounts[0].source.split(":"))
+    return paths
+
+
+Plan.caller_paths = property(_caller_paths)
 
 
 def plan_ids(
@@ -195,7 +209,7 @@ def host_root_mounts(
     layout: HostLayout, limits: Limits, ids: IdPlan, box_dir: str | None
 ) -> tuple[Mount, ...]:
     """The `host` root filesystem, in the order it is built."""
-    mounts: list[Mount] = []
+    mounts: list[Mount] = [Mount("root-tmpfs", "/", size_bytes=1 << 20, inodes=4096)]
     for name in USR_FAMILY:
         if name in layout.symlinks:
             mounts.append(Mount("symlink", f"/{name}", source=layout.symlinks[name]))
@@ -213,6 +227,29 @@ def host_root_mounts(
     ]
     mounts += dev_mounts(limits)
     mounts.append(Mount("proc", "/proc"))
+    mounts.append(scratch_tmpfs("/tmp", limits, mode=0o1777))
+    if box_dir:
+        mounts.append(Mount("bind", "/box", source=box_dir, readonly=False))
+    else:
+        mounts.append(scratch_tmpfs("/box", limits, owner=(ids.uid, ids.gid)))
+    return tuple(mounts)
+
+
+def image_root_mounts(
+    lowerdirs: tuple[str, ...], limits: Limits, ids: IdPlan, box_dir: str | None
+) -> tuple[Mount, ...]:
+    """An imported image: an overlay of its layers under a throwaway upper layer on a
+    size-limited tmpfs (the image is never written), then the same /dev, /proc, /tmp
+    and /box as the host root. The image keeps its own /etc."""
+    root = Mount(
+        "root-overlay",
+        "/",
+        source=":".join(lowerdirs),
+        readonly=False,
+        size_bytes=limits.tmpfs_size_bytes,
+        inodes=limits.tmpfs_inodes,
+    )
+    mounts = [root, *dev_mounts(limits), Mount("proc", "/proc")]
     mounts.append(scratch_tmpfs("/tmp", limits, mode=0o1777))
     if box_dir:
         mounts.append(Mount("bind", "/box", source=box_dir, readonly=False))
@@ -298,6 +335,7 @@ def make_plan(
     caller: tuple[int, int],
     layout: HostLayout,
     subids: tuple | None = None,
+    lowerdirs: list[str] | None = None,
 ) -> Plan:
     """Profile + command-line options -> the frozen plan of one run."""
     limits = make_limits(profile.get("limits", {}), {k: options.get(k) for k in LIMIT_KEYS})
@@ -309,12 +347,16 @@ def make_plan(
     if box_dir is not None:
         box_dir = os.path.abspath(box_dir)
     rootfs = options.get("rootfs") or profile.get("rootfs", "host")
+    if rootfs == "host":
+        mounts = host_root_mounts(layout, limits, ids, box_dir)
+    else:
+        mounts = image_root_mounts(tuple(lowerdirs or ()), limits, ids, box_dir)
     env = tuple(profile.get("env", {}).items()) + tuple(options.get("env") or ())
     return Plan(
         argv=tuple(argv),
         env=payload_env(env),
         ids=ids,
-        mounts=host_root_mounts(layout, limits, ids, box_dir),
+        mounts=mounts,
         limits=limits,
         stdio=Stdio(
             stdin_path=options.get("stdin"),

@@ -31,6 +31,7 @@ class Result:
     oom_killed: bool = False
     limits: dict = field(default_factory=dict)
     violation: dict | None = None  # SV: {"syscall": name}
+    rootfs: dict | None = None  # {"name": "host" or an image, "mode": how it was made}
     error: str | None = None  # IE: what sbx could not do
     warnings: list = field(default_factory=list)
     stdout: bytes | None = None

@@ -99,6 +99,7 @@ class Run:
     error: str | None = None
     cpu_seen_s: float = 0.0
     init_gone: bool = False
+    root_mode: str = ""
     rusage: object = None
 
 
@@ -224,10 +225,6 @@ def _open_channels(r: Run) -> _Fds:
     stdin_fd = _open_stdin(r, child_side)
     stdout_fd = _open_output(r, "stdout", plan.stdio.stdout_path, 1, child_side)
     stderr_fd = _open_output(r, "stderr", plan.stdio.stderr_path, 2, child_side)
-    fd_sources = {}
-    if plan.box_dir:
-        fd_sources[plan.box_dir] = os.open(plan.box_dir, os.O_PATH | os.O_DIRECTORY)
-        child_side.append(fd_sources[plan.box_dir])
 
     return _Fds(
         control=control_r,
@@ -236,7 +233,6 @@ def _open_channels(r: Run) -> _Fds:
         stdout=stdout_fd,
         stderr=stderr_fd,
         listener_sock=sock_child,
-        fd_sources=fd_sources,
         close_in_parent=tuple(child_side),
     )
 
@@ -413,6 +409,8 @@ def _handle_lines(r: Run) -> None:
             status, rss, utime, stime = rest.split()
             r.status, r.max_rss_kib = int(status), int(rss)
             r.init_setup_cpu_s = float(utime) + float(stime)
+        elif kind == "F":
+            r.root_mode = rest
         elif kind == "X":
             r.exec_errno = int(rest)
         elif kind == "E":
@@ -537,6 +535,7 @@ def _report(r: Run) -> result.Result:
         oom_killed=oom,
         limits=_limit_report(r),
         violation={"syscall": r.violation} if r.violation else None,
+        rootfs={"name": r.plan.rootfs, "mode": r.root_mode},
         warnings=list(r.cgroup.warnings),
     )
     if r.status is not None:

@@ -1,9 +1,16 @@
 """Build the sandbox's root filesystem from the plan's mounts, then pivot into it.
 
-Runs in the sandbox's init, inside the new user, mount and pid namespaces. The new root
-is a small tmpfs staged on /tmp of the private mount namespace (the host's /tmp is
-hidden by it, for this namespace only); host paths that live under /tmp are reached
-through file descriptors opened before, as /proc/self/fd/N.
+Two steps, in two places:
+
+1. `prepare_transfers` (stage 1, right after the mount namespace is made): a private
+   tmpfs is mounted on /tmp of the new mount namespace (hiding the host's /tmp, for this
+   namespace only) and every host directory the caller named (--dir, an image's layers)
+   is bound under /tmp/xfer/N while this process can still reach it by name. A root
+   caller does this before it drops to the sandbox's unprivileged host id (which could
+   not traverse /root, say); bind mounts keep working after the drop.
+2. `build_root` (stage 2, the sandbox's init): the new root is made at /tmp/root (a
+   small tmpfs, or an overlay of an image) and every plan step applied under it; then
+   `enter_root` pivots into it and detaches the old root.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from . import libc
 log = logging.getLogger(__name__)
 
 STAGING = "/tmp"
+ROOT = STAGING + "/root"
 _COMMON = libc.MS_NOSUID | libc.MS_NODEV
 
 # statvfs flag -> mount flag. A bind mount in a user namespace keeps the flags that
@@ -34,20 +42,78 @@ _LOCKED_FLAGS = (
 )
 
 
-def build_root(mounts: Sequence[Mount], fd_sources: dict[str, int]) -> None:
-    """Stage every mount under STAGING. fd_sources maps a bind source to an O_PATH
-    descriptor opened by the supervisor (for --dir and other caller paths)."""
+def prepare_transfers(caller_paths: Sequence[str]) -> dict[str, str]:
+    """Mount the staging tmpfs and bind each caller path into it; returns each
+    path's place there. Needs CAP_SYS_ADMIN over the current mount namespace."""
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE, None)
-    libc.mount("sbx-root", STAGING, "tmpfs", _COMMON, "mode=0755,size=1m,nr_inodes=4096")
-    for m in mounts:
+    # Open the caller's paths before the staging tmpfs hides those under /tmp.
+    fds = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in caller_paths]
+    libc.mount("sbx-staging", STAGING, "tmpfs", _COMMON, "mode=0755,size=64k,nr_inodes=256")
+    os.mkdir(ROOT, 0o755)
+    places = {}
+    for n, (path, fd) in enumerate(zip(caller_paths, fds)):
+        place = f"{STAGING}/xfer{n}"
+        os.mkdir(place, 0o755)
+        libc.mount(f"/proc/self/fd/{fd}", place, None, libc.MS_BIND | libc.MS_REC, None)
+        os.close(fd)
+        places[path] = place
+    return places
+
+
+def build_root(mounts: Sequence[Mount], places: dict[str, str]) -> str:
+    """Stage every mount under ROOT; the first one is the root itself. Returns how the
+    root was made: "tmpfs", "overlay", or "readonly" (an image bound read-only where
+    overlayfs cannot be mounted in a user namespace)."""
+    root, rest = mounts[0], mounts[1:]
+    mode = _mount_root(root, places)
+    top = new_root(mode)
+    for m in rest:
         try:
-            _apply(m, STAGING + m.target, fd_sources)
+            _apply(m, top + m.target, places)
         except OSError as e:
             raise SandboxError(f"cannot set up {m.target} ({m.kind}): {e}") from e
-    libc.mount(None, STAGING, None, libc.MS_REMOUNT | libc.MS_RDONLY | _COMMON, None)
+    if mode == "tmpfs":
+        libc.mount(None, top, None, libc.MS_REMOUNT | libc.MS_RDONLY | _COMMON, None)
+    return mode
 
 
-def _apply(m: Mount, path: str, fd_sources: dict[str, int]) -> None:
+def new_root(mode: str) -> str:
+    return ROOT if mode == "tmpfs" else ROOT + "/root"
+
+
+def _mount_root(root: Mount, places: dict[str, str]) -> str:
+    if root.kind == "root-tmpfs":
+        libc.mount("sbx-root", ROOT, "tmpfs", _COMMON, tmpfs_options(root))
+        return "tmpfs"
+    if root.kind != "root-overlay":
+        raise SandboxError(f"the first mount must make the root, not {root.kind!r}")
+    # A size-limited tmpfs holds the overlay's upper and work directories: whatever
+    # the run writes to its root lives there and dies with the run.
+    libc.mount("sbx-upper", ROOT, "tmpfs", _COMMON, tmpfs_options(root))
+    for name in ("upper", "work", "root"):
+        os.mkdir(f"{ROOT}/{name}", 0o755)
+    # Mount points made in the upper layer: the image's own directories may belong to
+    # an id that is not mapped here, where mkdir through the overlay would fail.
+    for point in ("proc", "dev", "tmp", "box"):
+        os.mkdir(f"{ROOT}/upper/{point}", 0o755)
+    lowers = [places.get(d, d) for d in root.source.split(":")]
+    options = f"lowerdir={':'.join(lowers)},upperdir={ROOT}/upper,workdir={ROOT}/work"
+    try:
+        libc.mount("sbx-overlay", f"{ROOT}/root", "overlay", libc.MS_NOSUID, options)
+        return "overlay"
+    except OSError as e:
+        log.warning(
+            "overlayfs cannot be mounted here (%s); the image's root is read-only "
+            "for this run, with writable /tmp and /box",
+            e.strerror,
+        )
+    libc.mount(lowers[0], f"{ROOT}/root", None, libc.MS_BIND | libc.MS_REC, None)
+    flags = libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | _COMMON
+    libc.mount(None, f"{ROOT}/root", None, flags, None)
+    return "readonly"
+
+
+def _apply(m: Mount, path: str, places: dict[str, str]) -> None:
     log.debug("mount %s %s -> %s", m.kind, m.source, m.target)
     if m.kind == "dir":
         os.makedirs(path, m.mode, exist_ok=True)
@@ -64,7 +130,7 @@ def _apply(m: Mount, path: str, fd_sources: dict[str, int]) -> None:
         os.makedirs(path, exist_ok=True)
         libc.mount("proc", path, "proc", _COMMON | libc.MS_NOEXEC, None)
     elif m.kind == "bind":
-        _bind(m, path, fd_sources)
+        _bind(m, path, places)
     else:
         raise SandboxError(f"unknown mount kind {m.kind!r} for {m.target}")
 
@@ -80,10 +146,8 @@ def tmpfs_options(m: Mount) -> str:
     return ",".join(options)
 
 
-def _bind(m: Mount, path: str, fd_sources: dict[str, int]) -> None:
-    source = m.source
-    if source in fd_sources:
-        source = f"/proc/self/fd/{fd_sources[source]}"
+def _bind(m: Mount, path: str, places: dict[str, str]) -> None:
+    source = places.get(m.source, m.source)
     if os.path.isdir(source):
         os.makedirs(path, exist_ok=True)
     else:
@@ -100,10 +164,10 @@ def _bind(m: Mount, path: str, fd_sources: dict[str, int]) -> None:
     libc.mount(None, path, None, flags, None)
 
 
-def enter_root() -> None:
+def enter_root(mode: str) -> None:
     """pivot_root into the staged root and detach the old one: pivot_root(".", ".")
     stacks the old root on top of the new one, and a lazy unmount of "." removes it."""
-    os.chdir(STAGING)
+    os.chdir(new_root(mode))
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)
     os.chdir("/")
