@@ -86,6 +86,71 @@ def profile_check(path: str = typer.Argument(..., help="a profile (.toml) or an 
     typer.echo(f"{path}: valid profile")
 
 
+rootfs_app = typer.Typer(no_args_is_help=True, help="Import, list, show and remove images.")
+app.add_typer(rootfs_app, name="rootfs")
+
+
+@rootfs_app.command("import")
+def rootfs_import(
+    source: str = typer.Argument(..., help="a .tar/.tar.gz/.tar.xz, a directory, an OCI "
+                                 "layout (directory or tar) or a `docker save` archive"),
+    name: str = typer.Option(..., "--name", help="the image's name in the store"),
+    replace: bool = typer.Option(False, "--replace", help="replace an image of that name"),
+) -> None:
+    """Import an image safely into your store (nothing lands outside it)."""
+    from . import rootfs
+
+    image = rootfs.import_image(source, name, replace=replace)
+    typer.echo(f"imported {image.name}: {_size(image.size_bytes)} from {image.source_format}")
+    for note in image.notes:
+        typer.echo(f"  note: {note}")
+
+
+@rootfs_app.command("list")
+def rootfs_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The images in your store."""
+    from . import rootfs
+
+    images = rootfs.list_images()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([i.to_json() for i in images], indent=2))
+        return
+    for image in images:
+        typer.echo(f"{image.name:<20} {_size(image.size_bytes):>9}  {image.created}  "
+                   f"{image.source_format}")
+
+
+@rootfs_app.command("show")
+def rootfs_show(name: str) -> None:
+    """One image's manifest, as JSON."""
+    import json
+
+    from . import rootfs
+
+    image = rootfs.show_image(name)
+    data = image.to_json()
+    data["lowerdirs"] = rootfs.image_lowerdirs(name)
+    typer.echo(json.dumps(data, indent=2))
+
+
+@rootfs_app.command("rm")
+def rootfs_rm(name: str) -> None:
+    """Remove an image (and the layers no other image uses)."""
+    from . import rootfs
+
+    rootfs.remove_image(name)
+    typer.echo(f"removed {name}")
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.1f}{unit}"
+    return f"{n}B"
+
+
 @app.command("version")
 def version() -> None:
     """Print sbx's version."""
