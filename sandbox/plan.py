@@ -178,8 +178,13 @@ def plan_ids(
             (IdMap(0, caller_gid, 1), IdMap(gid, subgid[0] + gid, 1)),
             use_helpers=caller_uid != 0,
         )
-    host_uid = ROOT_CALLER_HOST_ID if caller_uid == 0 else caller_uid
-    host_gid = ROOT_CALLER_HOST_ID if caller_uid == 0 else caller_gid
+    host_uid, host_gid = caller_uid, caller_gid
+    if caller_uid == 0:
+        # Root's own subordinate range, if it has one, gives the payload an id that
+        # nothing else on the host uses; else nobody.
+        host_uid = host_gid = ROOT_CALLER_HOST_ID
+        if subuid and subgid and uid < subuid[1] and gid < subgid[1]:
+            host_uid, host_gid = subuid[0] + uid, subgid[0] + gid
     return IdPlan(uid, gid, (IdMap(uid, host_uid, 1),), (IdMap(gid, host_gid, 1),))
 
 
