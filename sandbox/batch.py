@@ -1,0 +1,591 @@
+"""`sbx batch`: run many jobs, each in a fresh sandbox, from one warm process.
+
+A jobs file is JSON Lines, one job per line:
+
+    {"id": "t1", "command": ["python3", "sol.py"],
+     "files": {"sol.py": "print(input())", "data.txt": {"path": "inputs/1.txt"}},
+     "stdin": "42\\n", "profile": "strict", "limits": {"wall": "2s", "memory": "256M"},
+     "expected": "42\\n", "checker": "tokens"}
+
+Only `id` and `command` are required. Worker threads call the supervisor directly, so
+each run is a fork of this process: nothing is imported or parsed per run, and the
+plan of each distinct (profile, options) is resolved once and reused with only the
+command, stdin and /box swapped.
+
+The results file gets one JSON line per finished job, written whole under a lock and
+fsynced. A rerun skips the ids already there; a last line cut short by a crash is
+dropped on start. `stop()` (Ctrl-C) takes no new job, kills the running sandboxes and
+writes nothing for them, so the file only ever holds whole lines of finished jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+from . import api, checkers, supervisor
+from .errors import SandboxError, UsageError
+from .plan import Mount, Plan
+from .result import IE, OK, Result
+
+log = logging.getLogger(__name__)
+
+WA = "WA"
+DEFAULT_KEEP_OUTPUT_BYTES = 4096
+# The exec options a job may set; stdio, --dir and the result file belong to batch.
+JOB_OPTION_KEYS = frozenset(
+    ("wall", "time", "memory", "pids", "cpus", "output_limit", "fsize", "nofile")
+    + ("tmpfs_size", "env", "uid", "gid", "seccomp", "rootfs", "require_cgroup")
+)
+JOB_KEYS = frozenset(
+    ("id", "command", "files", "stdin", "profile", "limits", "options")
+    + ("expected", "checker", "tolerance")
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a batch. `files` maps a path under /box to its bytes, or to a str:
+    the host path to copy it from. `options` are exec options, frozen and sorted."""
+
+    id: str
+    command: tuple[str, ...]
+    files: tuple[tuple[str, bytes | str], ...] = ()
+    stdin: bytes | None = None
+    profile: str | None = None
+    options: tuple[tuple[str, object], ...] = ()
+    expected: str | None = None
+    checker: str = "exact"
+    tolerance: float | None = None
+
+    @property
+    def plan_key(self) -> tuple:
+        return (self.profile, self.options)
+
+
+# --- reading jobs ------------------------------------------------------------------
+
+
+def read_jobs(path: str, default_profile: str | None = None) -> list[Job]:
+    """Parse a jobs file. Raises UsageError naming the line and the field."""
+    base = os.path.dirname(os.path.abspath(path))
+    jobs, seen = [], {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except OSError as e:
+        raise UsageError(f"cannot read the jobs file {path!r}: {e.strerror}") from e
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not valid JSON ({e.msg})") from e
+        job = parse_job(obj, where, base, default_profile)
+        if job.id in seen:
+            raise UsageError(
+                f"{where}: id {job.id!r} is also used on line {seen[job.id]}"
+            )
+        seen[job.id] = number
+        jobs.append(job)
+    return jobs
+
+
+def parse_job(
+    obj: object, where: str, base_dir: str, default_profile: str | None
+) -> Job:
+    """One job from its decoded JSON object; relative file paths are taken from
+    base_dir (the jobs file's directory)."""
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: a job must be a JSON object")
+    unknown = sorted(set(obj) - JOB_KEYS)
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown field {unknown[0]!r}; fields: {_list(JOB_KEYS)}"
+        )
+    job_id = obj.get("id")
+    if not isinstance(job_id, (str, int)) or isinstance(job_id, bool) or job_id == "":
+        raise UsageError(f'{where}: every job needs an "id" (a string or an integer)')
+    command = obj.get("command")
+    if not (
+        isinstance(command, list)
+        and command
+        and all(isinstance(a, str) for a in command)
+    ):
+        raise UsageError(f'{where}: "command" must be a non-empty list of strings')
+    checker = obj.get("checker", "exact")
+    if checker not in checkers.NAMES:
+        raise UsageError(
+            f"{where}: unknown checker {checker!r}; use {_list(checkers.NAMES)}"
+        )
+    expected = obj.get("expected")
+    if expected is not None and not isinstance(expected, str):
+        raise UsageError(f'{where}: "expected" must be a string')
+    return Job(
+        id=str(job_id),
+        command=tuple(command),
+        files=_parse_files(obj.get("files") or {}, where, base_dir),
+        stdin=_parse_stdin(obj.get("stdin"), where),
+        profile=obj.get("profile") or default_profile,
+        options=_parse_options(obj, where),
+        expected=expected,
+        checker=checker,
+        tolerance=_parse_tolerance(obj.get("tolerance"), where),
+    )
+
+
+def _parse_files(files: object, where: str, base_dir: str) -> tuple:
+    if not isinstance(files, dict):
+        raise UsageError(f'{where}: "files" must be an object of name -> content')
+    parsed = []
+    for name, content in sorted(files.items()):
+        parts = name.split("/")
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise UsageError(
+                f"{where}: file name {name!r} must be a relative path in /box"
+            )
+        if isinstance(content, str):
+            parsed.append((name, content.encode()))
+        elif isinstance(content, dict) and isinstance(content.get("path"), str):
+            source = os.path.join(base_dir, content["path"])
+            if not os.access(source, os.R_OK):
+                raise UsageError(f"{where}: file {name!r}: cannot read {source!r}")
+            parsed.append((name, source))
+        else:
+            raise UsageError(f'{where}: file {name!r}: use a string or {{"path": ...}}')
+    return tuple(parsed)
+
+
+def _parse_stdin(stdin: object, where: str) -> bytes | None:
+    if stdin is None or isinstance(stdin, str):
+        return None if stdin is None else stdin.encode()
+    raise UsageError(f'{where}: "stdin" must be a string')
+
+
+def _parse_options(obj: dict, where: str) -> tuple:
+    merged = {}
+    for key in ("limits", "options"):
+        part = obj.get(key) or {}
+        if not isinstance(part, dict):
+            raise UsageError(f'{where}: "{key}" must be an object')
+        merged.update(part)
+    for key, value in merged.items():
+        if key not in JOB_OPTION_KEYS:
+            raise UsageError(
+                f"{where}: option {key!r} cannot be set per job; "
+                f"options: {_list(JOB_OPTION_KEYS)}"
+            )
+        if key == "env":
+            if not isinstance(value, dict):
+                raise UsageError(f'{where}: "env" must be an object of KEY -> value')
+            merged[key] = tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        elif isinstance(value, (list, dict)):
+            raise UsageError(f"{where}: option {key!r} must be a string or a number")
+    return tuple(sorted(merged.items()))
+
+
+def _parse_tolerance(value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UsageError(f'{where}: "tolerance" must be a number >= 0')
+    return float(value)
+
+
+def _list(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+# --- plans -------------------------------------------------------------------------
+
+
+def base_plans(jobs: list[Job]) -> dict[tuple, Plan]:
+    """One resolved plan per distinct (profile, options): profile files read, options
+    parsed and checked, once. Raises UsageError before anything runs."""
+    plans = {}
+    for job in jobs:
+        if job.plan_key not in plans:
+            options = dict(job.options)
+            try:
+                plans[job.plan_key] = api.plan_for(
+                    ["/bin/true"], job.profile, capture=True, **options
+                )
+            except UsageError as e:
+                raise UsageError(f"job {job.id!r}: {e}") from e
+    return plans
+
+
+def job_plan(base: Plan, job: Job, box_dir: str | None) -> Plan:
+    """The base plan with this job's command, stdin and /box. A job without stdin
+    reads an empty pipe, never the terminal sbx was started from."""
+    plan = replace(
+        base,
+        argv=job.command,
+        stdio=replace(
+            base.stdio, stdin_data=job.stdin if job.stdin is not None else b""
+        ),
+    )
+    if box_dir is None:
+        return plan
+    mounts = tuple(
+        Mount("bind", "/box", source=box_dir, readonly=False)
+        if m.target == "/box"
+        else m
+        for m in plan.mounts
+    )
+    return replace(plan, mounts=mounts, box_dir=box_dir)
+
+
+def make_box(job: Job) -> tuple[str, str]:
+    """A fresh host directory holding the job's files, for /box. Returns (the
+    directory to remove afterwards, the box inside it).
+
+    The outer directory is private (0700, the caller's); the box itself is writable
+    by the payload, whose host uid may differ from the caller's (a root caller's
+    payload runs as an unprivileged id). The bind is made from a descriptor the
+    supervisor opens, so the payload never needs to pass through the outer one.
+    """
+    outer = tempfile.mkdtemp(prefix="sbx-batch-")
+    box = os.path.join(outer, "box")
+    os.mkdir(box)
+    for name, content in job.files:
+        target = os.path.join(box, name)
+        parent = os.path.dirname(target)
+        if parent != box:
+            os.makedirs(parent, exist_ok=True)
+        if isinstance(content, str):
+            shutil.copyfile(content, target)
+        else:
+            with open(target, "wb") as f:
+                f.write(content)
+        os.chmod(target, 0o644)
+    for directory, subdirs, _ in os.walk(box):
+        os.chmod(directory, 0o777)
+    return outer, box
+
+
+# --- results file ------------------------------------------------------------------
+
+
+class ResultsFile:
+    """The results file: read once to learn which ids are done, then appended to,
+    one whole line per job, flushed and fsynced under a lock."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.done: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._repair_and_load()
+        # Open for the whole batch; close() closes it.
+        self._file = open(path, "ab")  # noqa: SIM115
+
+    def _repair_and_load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UsageError(
+                f"cannot read the results file {self.path!r}: {e.strerror}"
+            ) from e
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        if tail:
+            log.warning(
+                "results file %s: dropping a last line cut short (%d bytes)",
+                self.path,
+                len(tail),
+            )
+            os.truncate(self.path, len(data) - len(tail))
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                self.done[str(entry["id"])] = entry
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(
+                    f"{self.path}:{number} is not a result line of sbx batch; "
+                    "give --out a new file or the results file of this batch"
+                ) from e
+
+    def append(self, entry: dict) -> None:
+        line = json.dumps(entry, sort_keys=False, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._file.write(line.encode())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- running -----------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    total_jobs: int = 0
+    skipped: int = 0  # already in the results file
+    ran: int = 0
+    verdicts: Counter = field(default_factory=Counter)
+    slowest: list = field(default_factory=list)  # (wall_time_s, id), slowest first
+    cpu_time_s: float = 0.0  # summed over the jobs run now
+    job_wall_time_s: float = 0.0  # summed over the jobs run now
+    elapsed_s: float = 0.0  # wall time of the whole batch
+    interrupted: bool = False
+
+    def add(self, entry: dict) -> None:
+        self.ran += 1
+        self.verdicts[entry["verdict"]] += 1
+        wall = entry.get("wall_time_s") or 0.0
+        self.job_wall_time_s += wall
+        self.cpu_time_s += (entry.get("cpu_time_s") or {}).get("total", 0.0)
+        self.slowest = sorted(self.slowest + [(wall, entry["id"])], reverse=True)[:5]
+
+    @property
+    def all_ok(self) -> bool:
+        return set(self.verdicts) <= {OK}
+
+
+@dataclass(eq=False)
+class _Slot:
+    """What a worker is running, so stop() can kill it: a pidfd of the sandbox's
+    init (immune to pid reuse), and whether stop() killed it."""
+
+    pidfd: int | None = None
+    killed: bool = False
+
+
+class Batch:
+    """Run jobs on `workers` threads, appending to a ResultsFile.
+
+    Call run() from one thread (the main thread, to get Ctrl-C handling from the
+    CLI); on_result(entry, summary) is called on that thread after each job.
+    """
+
+    def __init__(
+        self,
+        jobs: list[Job],
+        results: ResultsFile,
+        workers: int,
+        keep_output_bytes: int = DEFAULT_KEEP_OUTPUT_BYTES,
+    ) -> None:
+        if workers < 1:
+            raise UsageError(f"--jobs {workers}: use at least 1 worker")
+        self.results = results
+        self.workers = workers
+        self.keep_output_bytes = keep_output_bytes
+        self.summary = Summary(total_jobs=len(jobs))
+        self.pending = [j for j in jobs if j.id not in results.done]
+        self.summary.skipped = len(jobs) - len(self.pending)
+        self.plans = base_plans(self.pending)
+        self._next = iter(self.pending)
+        self._next_lock = threading.Lock()
+        self._slots_lock = threading.Lock()
+        self._live: list[_Slot] = []  # slots whose sandbox is running
+        self._stopping = threading.Event()
+        self._finished: queue.Queue = queue.Queue()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Take no new job; kill the sandboxes running now (their jobs are not
+        written, so a rerun runs them). Safe to call from a signal handler."""
+        self._stopping.set()
+
+    def run(self, on_result: Callable[[dict, Summary], None] | None = None) -> Summary:
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=self._worker, name=f"sbx-batch-{n}", daemon=True)
+            for n in range(min(self.workers, max(1, len(self.pending))))
+        ]
+        for thread in threads:
+            thread.start()
+        alive = len(threads)
+        killed = False
+        while alive:
+            if self._stopping.is_set() and not killed:
+                self._kill_running()
+                killed = True
+            try:
+                entry = self._finished.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if entry is None:
+                alive -= 1
+                continue
+            self.summary.add(entry)
+            if on_result is not None:
+                on_result(entry, self.summary)
+        for thread in threads:
+            thread.join()
+        self.summary.interrupted = self._stopping.is_set()
+        self.summary.elapsed_s = time.monotonic() - started
+        return self.summary
+
+    def _take(self) -> Job | None:
+        if self._stopping.is_set():
+            return None
+        with self._next_lock:
+            return next(self._next, None)
+
+    def _worker(self) -> None:
+        slot = _Slot()
+        try:
+            while (job := self._take()) is not None:
+                entry = self._run_job(job, slot)
+                if entry is not None:
+                    self.results.append(entry)
+                    self._finished.put(entry)
+        finally:
+            self._finished.put(None)
+
+    def _run_job(self, job: Job, slot: _Slot) -> dict | None:
+        """Run one job; its result line, or None when stop() killed it."""
+        base = self.plans[job.plan_key]
+        outer = box = None
+        try:
+            if job.files:
+                outer, box = make_box(job)
+            plan = job_plan(base, job, box)
+            try:
+                result = supervisor.run(
+                    plan, on_start=lambda pid, cg: self._started(slot, pid)
+                )
+            except SandboxError as e:
+                result = Result(verdict=IE, error=str(e))
+        except OSError as e:
+            result = Result(
+                verdict=IE, error=f"cannot prepare /box for job {job.id!r}: {e}"
+            )
+        finally:
+            killed = self._finish_slot(slot)
+            if outer is not None:
+                _remove_tree(outer)
+        if killed:
+            return None
+        return self._entry(job, result)
+
+    def _started(self, slot: _Slot, init_pid: int) -> None:
+        with self._slots_lock:
+            slot.pidfd = os.pidfd_open(init_pid)
+            self._live.append(slot)
+            if self._stopping.is_set():
+                self._kill_slot(slot)
+
+    def _finish_slot(self, slot: _Slot) -> bool:
+        with self._slots_lock:
+            if slot in self._live:
+                self._live.remove(slot)
+            if slot.pidfd is not None:
+                os.close(slot.pidfd)
+                slot.pidfd = None
+            killed, slot.killed = slot.killed, False
+            return killed
+
+    def _kill_running(self) -> None:
+        with self._slots_lock:
+            for slot in self._live:
+                self._kill_slot(slot)
+
+    @staticmethod
+    def _kill_slot(slot: _Slot) -> None:
+        """SIGKILL to the sandbox's init ends its pid namespace, so every process of
+        the run; the supervisor in the worker then reaps and removes the rest."""
+        if slot.pidfd is None or slot.killed:
+            return
+        slot.killed = True
+        try:
+            signal.pidfd_send_signal(slot.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _entry(self, job: Job, result: Result) -> dict:
+        check = None
+        if job.expected is not None and result.verdict == OK:
+            check = checkers.check(
+                job.checker, result.stdout or b"", job.expected, job.tolerance
+            )
+            if not check.passed:
+                result.verdict = WA
+        data = result.to_dict()
+        keep = self.keep_output_bytes
+        for stream in ("stdout", "stderr"):
+            raw = getattr(result, stream)
+            if raw is not None:
+                data[stream] = raw[:keep].decode("utf-8", "backslashreplace")
+                if len(raw) > keep:
+                    data[f"{stream}_truncated_bytes"] = len(raw) - keep
+        return {"id": job.id, **data, "check": check.to_dict() if check else None}
+
+
+def _remove_tree(path: str) -> None:
+    def complain(function, failed_path, exc_info) -> None:
+        log.warning("could not remove %s after its job: %s", failed_path, exc_info[1])
+
+    shutil.rmtree(path, onerror=complain)
+
+
+# --- the summary -------------------------------------------------------------------
+
+
+def format_summary(summary: Summary) -> str:
+    """The end-of-batch report as plain text lines."""
+    lines = []
+    state = "interrupted" if summary.interrupted else "done"
+    lines.append(
+        f"batch {state}: {summary.ran} run now, {summary.skipped} already in the "
+        f"results file, {summary.total_jobs} jobs in all"
+    )
+    if summary.ran:
+        lines.append("verdict  count")
+        for verdict, count in summary.verdicts.most_common():
+            lines.append(f"{verdict:<8} {count:>5}")
+        lines.append(
+            "slowest: " + ", ".join(f"{i} {w:.3f} s" for w, i in summary.slowest)
+        )
+        rate = summary.ran / summary.elapsed_s if summary.elapsed_s else 0.0
+        lines.append(
+            f"wall {summary.elapsed_s:.2f} s ({rate:.1f} runs/s); summed over jobs: "
+            f"wall {summary.job_wall_time_s:.2f} s, CPU {summary.cpu_time_s:.2f} s"
+        )
+    return "\n".join(lines)
+
+
+def progress_line(entry: dict, summary: Summary) -> str:
+    """A plain line per finished job (for logs and pipes)."""
+    done = summary.ran + summary.skipped
+    extra = ""
+    if entry.get("check") and not entry["check"]["passed"]:
+        extra = f" ({entry['check']['detail']})"
+    elif entry.get("error"):
+        extra = f" ({entry['error']})"
+    return (
+        f"[{done}/{summary.total_jobs}] {entry['id']} {entry['verdict']} "
+        f"{entry.get('wall_time_s', 0.0):.3f} s{extra}"
+    )
+
+
+def progress_bar(summary: Summary, width: int = 30) -> str:
+    """A one-line bar for a terminal, redrawn in place."""
+    done = summary.ran + summary.skipped
+    total = max(1, summary.total_jobs)
+    filled = int(width * done / total)
+    counts = " ".join(f"{v} {n}" for v, n in sorted(summary.verdicts.items()))
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{summary.total_jobs} {counts}"
+    )
