@@ -1,0 +1,124 @@
+"""sbx batch's pure parts: reading jobs, per-job plans, the results file's repair."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sandbox import batch
+from sandbox.errors import UsageError
+from sandbox.plan import HostLayout, Limits, make_plan
+
+
+def _job(**fields):
+    return batch.parse_job(
+        {"id": 1, "command": ["true"], **fields}, "jobs:1", "/base", None
+    )
+
+
+def test_a_minimal_job():
+    job = _job()
+    assert job.id == "1" and job.command == ("true",)
+    assert job.checker == "exact" and job.expected is None and job.stdin is None
+
+
+def test_files_inline_and_by_path(tmp_path):
+    (tmp_path / "in.txt").write_text("x")
+    obj = {
+        "id": "a",
+        "command": ["cat"],
+        "files": {"b/c.txt": "hi", "in": {"path": "in.txt"}},
+    }
+    job = batch.parse_job(obj, "jobs:1", str(tmp_path), None)
+    assert job.files == (("b/c.txt", b"hi"), ("in", str(tmp_path / "in.txt")))
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../x", "", "a//b"])
+def test_file_names_stay_in_box(name):
+    with pytest.raises(UsageError, match="relative path in /box"):
+        _job(files={name: "x"})
+
+
+def test_options_are_frozen_and_checked():
+    job = _job(
+        limits={"wall": "2s", "memory": "64M"}, options={"env": {"B": 1, "A": "x"}}
+    )
+    assert job.options == (
+        ("env", (("A", "x"), ("B", "1"))),
+        ("memory", "64M"),
+        ("wall", "2s"),
+    )
+    hash(job.plan_key)
+    with pytest.raises(UsageError, match="option 'stdout' cannot be set per job"):
+        _job(options={"stdout": "/tmp/x"})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"command": "echo hi"}, "non-empty list of strings"),
+        ({"checker": "fuzzy"}, "unknown checker 'fuzzy'"),
+        ({"expected": 42}, '"expected" must be a string'),
+        ({"tolerance": -1}, '"tolerance" must be a number >= 0'),
+        ({"stdin": ["a"]}, '"stdin" must be a string'),
+        ({"timeout": 3}, "unknown field 'timeout'"),
+        ({"id": ""}, 'needs an "id"'),
+    ],
+)
+def test_bad_jobs_say_which_field(fields, message):
+    with pytest.raises(UsageError, match=message):
+        _job(**fields)
+
+
+def test_duplicate_ids_name_both_lines(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(
+        '{"id": "a", "command": ["true"]}\n\n{"id": "a", "command": ["x"]}\n'
+    )
+    with pytest.raises(
+        UsageError, match=r"jobs.jsonl:3: id 'a' is also used on line 1"
+    ):
+        batch.read_jobs(str(path))
+
+
+def test_job_plan_swaps_command_stdin_and_box():
+    layout = HostLayout(
+        symlinks={"bin": "usr/bin"}, dirs=frozenset({"usr"}), etc=frozenset()
+    )
+    base = make_plan(
+        {"name": "default"}, {"capture": True}, ["/bin/true"], (0, 0), layout
+    )
+    job = _job(stdin="in")
+    plan = batch.job_plan(base, job, "/tmp/box")
+    assert plan.argv == ("true",) and plan.stdio.stdin_data == b"in"
+    assert plan.stdio.capture and plan.box_dir == "/tmp/box"
+    box = [m for m in plan.mounts if m.target == "/box"]
+    assert len(box) == 1 and box[0].kind == "bind" and box[0].source == "/tmp/box"
+    assert [m.target for m in plan.mounts] == [m.target for m in base.mounts]
+    # No stdin given: an empty pipe, never the caller's terminal.
+    assert batch.job_plan(base, _job(), None).stdio.stdin_data == b""
+    assert batch.job_plan(base, _job(), None).mounts == base.mounts
+    assert base.limits == Limits()
+
+
+def test_results_file_drops_a_cut_line_and_keeps_whole_ones(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(
+        b'{"id": "a", "verdict": "OK"}\n{"id": "b", "verdict": "OK"}\n{"id": "c", "ver'
+    )
+    results = batch.ResultsFile(str(path))
+    assert sorted(results.done) == ["a", "b"]
+    results.append({"id": "c", "verdict": "WA"})
+    results.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "b", "c"]
+
+
+def test_results_file_refuses_a_foreign_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello\nworld\n")
+    with pytest.raises(
+        UsageError, match="notes.txt:1 is not a result line of sbx batch"
+    ):
+        batch.ResultsFile(str(path))
