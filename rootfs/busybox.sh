@@ -37,15 +37,17 @@ chmod 0700 "$root/root"
 cp "$busybox" "$root/bin/busybox"
 chmod 0755 "$root/bin/busybox"
 
-# One symlink per applet, relative so it also resolves outside the sandbox.
-"$busybox" --list-full | while read -r applet; do
-    case "$applet" in
-        bin/busybox) continue ;;
-        bin/*) ln -s busybox "$root/$applet" ;;
-        */*/*) ln -s ../../bin/busybox "$root/$applet" ;;
-        */*) ln -s ../bin/busybox "$root/$applet" ;;
-    esac
-done
+# One symlink per applet, relative so it also resolves outside the sandbox. Made by
+# one python3 process: ~400 `ln` forks take seconds on a loaded machine.
+"$busybox" --list-full | python3 -c '
+import os, sys
+root = sys.argv[1]
+for applet in sys.stdin.read().split():
+    if applet == "bin/busybox" or "/" not in applet:
+        continue
+    up = "../" * applet.count("/")
+    os.symlink(up + "bin/busybox", os.path.join(root, applet))
+' "$root"
 
 cat >"$root/etc/passwd" <<'PASSWD'
 root:x:0:0:root:/root:/bin/sh
