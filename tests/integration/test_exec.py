@@ -94,27 +94,17 @@ def shared_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def sbx_cgroups() -> set[str]:
-    """The per-run cgroups sbx has made below this process's cgroups (v1 and v2)."""
-    found = set()
-    with open("/proc/self/cgroup") as f:
+def run_cgroup_dirs(pid: int) -> list[Path]:
+    """The per-run cgroup directories (named sbx-*) a host process is in."""
+    dirs = []
+    with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
-            name = controllers.removeprefix("name=") or "unified"
-            base = Path("/sys/fs/cgroup", name, path.lstrip("/"))
-            try:
-                found |= {str(p) for p in base.iterdir() if p.name.startswith("sbx-")}
-            except OSError:
-                pass
-    return found
-
-
-def assert_no_new_cgroups(before: set[str]) -> None:
-    """Other test runs on this machine may hold a cgroup briefly: wait for it."""
-    deadline = time.monotonic() + 3
-    while (new := sbx_cgroups() - before) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not new, f"cgroups left behind: {sorted(new)}"
+            if "/sbx-" not in path:
+                continue
+            for name in controllers.removeprefix("name=").split(","):
+                dirs.append(Path("/sys/fs/cgroup", name or "unified", path.lstrip("/")))
+    return dirs
 
 
 # --- 1. ids ------------------------------------------------------------------------
@@ -153,8 +143,11 @@ def test_payload_and_init_are_never_host_root(caller, shared_dir):
             (payload,) = host_pids_with(mark, argv0="python3")
             uids, gids, init = status_ids(payload)
             init_uids, init_gids, _ = status_ids(init)
+            cgroups = run_cgroup_dirs(payload)
         finally:
             _, stderr = proc.communicate(timeout=20)
+    assert host_pids_with(mark) == [], "a process of the run outlived sbx"
+    assert [d for d in cgroups if d.exists()] == [], "the run's cgroups are left"
     for ids in (uids, gids, init_uids, init_gids):
         assert 0 not in ids, f"a sandbox process runs with host id 0: {ids}"
     if caller.uid != 0 and shutil.which("newuidmap") is None:
@@ -526,16 +519,16 @@ BAD_INPUT = [
 @pytest.mark.parametrize(("options", "named"), BAD_INPUT, ids=lambda v: str(v))
 def test_bad_input_is_one_line_exit_2_and_nothing_runs(caller, shared_dir, options, named):
     marker = shared_dir / "ran"
-    before = sbx_cgroups()
+    mark = token()
     done = caller.run(
-        ["exec", "--dir", str(shared_dir), *options, "--", "touch", "/box/ran"]
+        ["exec", "--dir", str(shared_dir), *options, "--", "touch", "/box/ran", mark]
     )
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("sbx: error: ") and named in done.stderr
     assert not marker.exists(), "the payload ran despite bad input"
-    assert_no_new_cgroups(before)
+    assert host_pids_with(mark) == [], "a process was left behind"
 
 
 @pytest.mark.parametrize("args", [["exec"], ["exec", "--"], ["exec", "--wall", "1"]])
