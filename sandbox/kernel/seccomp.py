@@ -42,7 +42,7 @@ from ..seccomp_policy import (
 log = logging.getLogger(__name__)
 
 # Bump when the way a plan becomes BPF changes: old cache entries are then unused.
-COMPILER_VERSION = 1
+COMPILER_VERSION = 2
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_LOG = 1 << 1
@@ -143,6 +143,7 @@ def compile_plan(plan: FilterPlan, notify: bool) -> bytes:
     # Only the native ABI is in the filter; any other (i386 via int 0x80, x32
     # numbers on x86_64, which libseccomp checks for) kills the process.
     flt.set_attr(sc.Attr.ACT_BADARCH, RET_KILL_PROCESS)
+    flt.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
     if plan.log_flag:
         flt.set_attr(sc.Attr.CTL_LOG, 1)
     for rule in plan.rules:
