@@ -1,0 +1,163 @@
+"""Per-run cost of `/bin/true` through sbx's Python API with the full `strict` sandbox,
+against bubblewrap and a bare run measured in the same run (issue 7, item 1).
+
+    python bench/api_overhead.py [--runs N] [--rounds R] [--cprofile N]
+
+Measured, in rounds that alternate between the tools so a busy machine weighs on
+each alike:
+  bare      /bin/true, by hyperfine --shell=none
+  bwrap     bwrap --unshare-all with a read-only /usr (and the host's /bin, /lib...
+            symlinks or binds), a fresh /proc and /dev, by hyperfine --shell=none
+  api       sandbox.api.run(["/bin/true"], profile="strict") in this warm process:
+            plan resolved on each call, then the sandbox, as a pipeline would call it
+  plan      sandbox.supervisor.run(plan) with the plan resolved once (the batch path)
+The API's overhead is its time minus bare; item 1 holds when it is at most bwrap's
+per-run time. Reported: the median of each round, and the spread over rounds.
+
+--cprofile N profiles N runs through the API and prints where the time goes per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sandbox import api, supervisor  # noqa: E402
+
+USR_FAMILY = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+def bwrap_argv(command: list[str]) -> list[str]:
+    """bubblewrap with every namespace, a read-only /usr and the /usr family as on
+    the host, a fresh /proc and a minimal /dev."""
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr"]
+    for name in USR_FAMILY:
+        path = f"/{name}"
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    return argv + ["--proc", "/proc", "--dev", "/dev", *command]
+
+
+def hyperfine_median_s(argv: list[str], runs: int, warmup: int = 10) -> float:
+    """The median wall time of argv, run by hyperfine without a shell."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as export:
+        subprocess.run(
+            ["hyperfine", "--shell=none", "--style", "none", "--warmup", str(warmup)]
+            + ["--runs", str(runs), "--export-json", export.name, shlex.join(argv)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        return json.load(open(export.name))["results"][0]["median"]
+
+
+def api_times_s(runs: int, reuse_plan: bool, warmup: int = 10) -> list[float]:
+    """Wall time of each of `runs` API runs of /bin/true under `strict`."""
+    plan = api.plan_for(["/bin/true"], "strict")
+    times = []
+    for n in range(warmup + runs):
+        started = time.perf_counter()
+        if reuse_plan:
+            result = supervisor.run(plan)
+        else:
+            result = api.run(["/bin/true"], "strict")
+        elapsed = time.perf_counter() - started
+        if result.verdict != "OK":
+            raise SystemExit(f"/bin/true under strict gave {result.verdict}: {result}")
+        if n >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def measure(runs: int, rounds: int) -> dict[str, list[float]]:
+    """Median seconds per run of each tool, one value per round."""
+    rows: dict[str, list[float]] = {"bare": [], "bwrap": [], "api": [], "plan": []}
+    for _ in range(rounds):
+        rows["bare"].append(hyperfine_median_s(["/bin/true"], runs))
+        rows["bwrap"].append(hyperfine_median_s(bwrap_argv(["/bin/true"]), runs))
+        rows["api"].append(statistics.median(api_times_s(runs, reuse_plan=False)))
+        rows["plan"].append(statistics.median(api_times_s(runs, reuse_plan=True)))
+    return rows
+
+
+def report(rows: dict[str, list[float]]) -> bool:
+    """Print the table; True when item 1 holds for the median over rounds."""
+    med = {name: statistics.median(values) for name, values in rows.items()}
+    labels = {
+        "bare": "/bin/true, bare",
+        "bwrap": "bwrap --unshare-all, ro /usr",
+        "api": "sbx API run(), strict",
+        "plan": "sbx API, plan reused (batch)",
+    }
+    print(f"uid {os.getuid()}, {len(rows['bare'])} rounds; ms per run (median, spread)")
+    print(f"{'':32} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
+    for name, values in rows.items():
+        ms = [v * 1000 for v in values]
+        ratio = med[name] / med["bwrap"]
+        print(
+            f"{labels[name]:32} {statistics.median(ms):8.2f} {min(ms):8.2f} "
+            f"{max(ms):8.2f} {ratio:6.2f}x"
+        )
+    overhead = med["api"] - med["bare"]
+    holds = overhead <= med["bwrap"]
+    print(
+        f"API overhead (api - bare): {overhead * 1000:.2f} ms = "
+        f"{overhead / med['bwrap']:.2f}x bwrap's per-run time; "
+        f"item 1 (at most 1x): {'holds' if holds else 'FAILS'}"
+    )
+    return holds
+
+
+def profile_runs(count: int) -> None:
+    """Where the time of an API run goes, per run, in the calling process."""
+    import cProfile
+    import pstats
+
+    api_times_s(5, reuse_plan=False, warmup=0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(count):
+        api.run(["/bin/true"], "strict")
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt
+    print(f"\ncProfile of {count} API runs: {total / count * 1000:.2f} ms per run in")
+    print("this process (children's time is seen only as waits). By own time:")
+    stats.sort_stats("tottime")
+    width = 70
+    for func, (cc, nc, tt, ct, callers) in sorted(
+        stats.stats.items(), key=lambda item: item[1][2], reverse=True
+    )[:20]:
+        where = f"{Path(func[0]).name}:{func[1]}({func[2]})"
+        print(
+            f"  {tt / count * 1000:7.3f} ms own {ct / count * 1000:7.3f} ms cum "
+            f"{nc / count:6.1f} calls  {where[:width]}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200, help="runs per tool per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    args = parser.parse_args()
+    holds = report(measure(args.runs, args.rounds))
+    if args.cprofile:
+        profile_runs(args.cprofile)
+    return 0 if holds else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
