@@ -32,7 +32,12 @@ LOGNAME, LANG, XDG_RUNTIME_DIR (/run/user/UID, mode 0700), SBX_VM_CGROUP (the sc
 absolute path) and whatever the caller passes. Controllers are available in the
 scope but not enabled in its subtree_control: to enable them the scope must first be
 emptied (the no-internal-processes rule), e.g. `mkdir $SBX_VM_CGROUP/sh && echo $$ >
-$SBX_VM_CGROUP/sh/cgroup.procs`, or make the last command an `exec`.
+$SBX_VM_CGROUP/sh/cgroup.procs`. To start a supervisor such as `sbx exec` the way
+`systemd-run --user --scope -p Delegate=yes` would, alone in a fresh delegated scope,
+prefix it with `sbx-vm-scope` (on PATH):
+
+    r = run_in_vm("cd / && sbx-vm-scope /opt/sbx/venv/bin/python -m sandbox exec "
+                  "--memory 64M -- /bin/true", env={"PYTHONPATH": checkout})
 
 How long: the first call downloads about 70 MB and prepares the images (about 10 s,
 cached under /var/tmp/sbx-vm for root, else $XDG_CACHE_HOME/sbx-vm or ~/.cache/sbx-vm;
@@ -400,8 +405,25 @@ def run_in_vm(
         job = Path(tmp)
         os.chmod(job, 0o755)
         (job / "script.sh").write_text(script)
+        (job / "bin").mkdir(mode=0o755)
+        (job / "bin" / "sbx-vm-scope").write_text(SCOPE_HELPER)
+        os.chmod(job / "bin" / "sbx-vm-scope", 0o755)
         (job / "stage2.sh").write_text(stage2_script(uid, env or {}))
         return _boot(image, job, timeout_s, memory_mib, cpus)
+
+
+# On the script's PATH. The script's own shell stays in its scope, so a supervisor it
+# starts cannot enable controllers there; under systemd one would start it with
+# `systemd-run --user --scope -p Delegate=yes`, and this does the same by hand.
+SCOPE_HELPER = r"""#!/bin/sh
+# sbx-vm-scope COMMAND [ARG...]: run COMMAND alone in a new delegated scope beside
+# $SBX_VM_CGROUP, as `systemd-run --user --scope -p Delegate=yes COMMAND` does.
+set -eu
+scope="${SBX_VM_CGROUP%/*}/run-$$.scope"
+mkdir "$scope"
+echo $$ > "$scope/cgroup.procs"
+exec "$@"
+"""
 
 
 def _default_uid() -> int:
@@ -426,7 +448,8 @@ def stage2_script(uid: int, extra_env: dict[str, str]) -> str:
         user, gid, home, groups = f"u{uid}", uid, f"/tmp/home-{uid}", "--clear-groups"
     scope = f"/sys/fs/cgroup/{scope_path(uid)}"
     env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{JOB_DIR_IN_VM}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+                ":/sbin:/bin",
         "HOME": home, "USER": user, "LOGNAME": user, "LANG": "C.UTF-8",
         "XDG_RUNTIME_DIR": f"/run/user/{uid}", "SBX_VM_CGROUP": scope,
         **extra_env,
