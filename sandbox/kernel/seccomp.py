@@ -289,20 +289,24 @@ def install(f: Filter) -> int | None:
     """Install ``f`` on the calling thread. Call it after no_new_privs (or holding
     CAP_SYS_ADMIN) as the very last step before execve. Returns the listener fd
     (close-on-exec) when kill actions go to the supervisor, else None."""
-    if not f.notify:
-        _load(f.bpf, 0)
-        return None
     try:
-        return _load(f.bpf, SECCOMP_FILTER_FLAG_NEW_LISTENER)
+        if not f.notify:
+            _load(f.bpf, 0)
+            return None
+        try:
+            return _load(f.bpf, SECCOMP_FILTER_FLAG_NEW_LISTENER)
+        except OSError as exc:
+            # EBUSY: a filter already stacked on this process has a listener (sbx
+            # nested in a sandbox that uses one); only one is allowed per stack.
+            # EINVAL: a kernel that does not know the flag.
+            if exc.errno not in (errno.EBUSY, errno.EINVAL):
+                raise
+        log.warning("seccomp user notification unavailable here; violations kill "
+                    "the payload with SIGSYS and the syscall is not named")
+        _load(without_notify(f).bpf, 0)
+        return None
     except OSError as exc:
-        # EBUSY: a filter already stacked on this process has a listener (sbx
-        # nested in a sandbox that uses one); only one is allowed per stack.
-        if exc.errno not in (errno.EBUSY, errno.EINVAL):
-            raise _install_error(exc) from None
-    log.warning("seccomp user notification unavailable here; violations kill the "
-                "payload with SIGSYS and the syscall is not named")
-    _load(without_notify(f).bpf, 0)
-    return None
+        raise _install_error(exc) from None
 
 
 def without_notify(f: Filter) -> Filter:

@@ -100,6 +100,42 @@ def test_without_notify_a_violation_is_sigsys(tmp_path):
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == SIGSYS
 
 
+def test_nested_listener_falls_back_to_sigsys(tmp_path, monkeypatch):
+    """sbx under a filter that already has a listener (a nested sandbox): the
+    kernel allows one listener per filter stack, so install() falls back to
+    kill-process, and the violation is still fatal."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_KILL_PROCESS"}],
+    }))
+    f = seccomp.prepare(str(policy))
+    if not f.notify:
+        pytest.skip("this kernel has no seccomp user notification")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import ctypes
+
+            os.close(read_fd)
+            ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+            outer = seccomp.install(f)
+            inner = seccomp.install(f)
+            os.write(write_fd, f"{outer is not None} {inner is None}".encode())
+            os.close(write_fd)
+            os.execv(PYTHON, [PYTHON, "-c", PTRACE_PY])
+        finally:
+            os._exit(127)
+    os.close(write_fd)
+    report = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert report == "True True"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == SIGSYS
+
+
 def test_docker_default_profile_runs_a_normal_program(caller):
     results = run_filtered(caller, docker_policy_for(caller), [
         [PYTHON, "-c", "import os, hashlib; print(os.getpid())"],
@@ -224,6 +260,7 @@ def test_exec_strict_humaneval_164_ok(caller):
     verdicts = {}
     for task_id, source in programs:
         result = sbx_json(caller, ["--profile", "strict", "--", PYTHON, "-c", source])
-        verdicts[task_id] = result["verdict"]
+        verdicts[task_id] = (result["verdict"], result.get("violation"),
+                             result.get("error"))
     assert len(verdicts) == 164
-    assert {t: v for t, v in verdicts.items() if v != "OK"} == {}
+    assert {t: v for t, v in verdicts.items() if v[0] != "OK"} == {}
