@@ -661,6 +661,8 @@ class Cgroup2Run(RunCgroup):
         return _read_procs(self._file("cgroup.procs"))
 
     def kill(self) -> None:
+        if self._closed:
+            return  # close() killed everything before removing the leaf
         if os.path.exists(self._file("cgroup.kill")):
             _write(self._file("cgroup.kill"), "1")
         else:
@@ -669,13 +671,13 @@ class Cgroup2Run(RunCgroup):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         if self._procs_fd is not None:
             os.close(self._procs_fd)
             self._procs_fd = None
         if self.pids():
             self.kill()
         _remove_dir(self.path, self._file("cgroup.procs"), self._kill_quietly)
+        self._closed = True
 
     def _kill_quietly(self) -> None:
         try:
@@ -740,6 +742,8 @@ class Cgroup1Run(RunCgroup):
         return sorted(found)
 
     def kill(self) -> None:
+        if self._closed:
+            return  # close() killed everything before removing the groups
         state = self._file("freezer", "freezer.state")
         if state is None:
             # No freezer: repeat, since a task may fork between the read and the
@@ -765,7 +769,6 @@ class Cgroup1Run(RunCgroup):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         for fd in self._procs_fds:
             os.close(fd)
         self._procs_fds = []
@@ -774,6 +777,7 @@ class Cgroup1Run(RunCgroup):
         for directory in self._unique_dirs():
             procs = os.path.join(directory, "cgroup.procs")
             _remove_dir(directory, procs, self._kill_quietly)
+        self._closed = True
 
     def _kill_quietly(self) -> None:
         try:
@@ -870,7 +874,7 @@ def _move_back(base: str, leaf: str) -> None:
 def _open_cgroup2(plan: MechanismPlan, facts: CgroupFacts, limits, run_id: str):
     parent = _prepare_v2_parent(facts, plan.controllers)
     leaf = os.path.join(parent, f"{RUN_LEAF_PREFIX}{run_id}")
-    _mkdir(leaf, _explain_v2_errno(errno.EACCES, parent))
+    _mkdir(leaf, lambda err: _explain_v2_errno(err, parent))
     no_swap_limit = False
     try:
         for name, text in v2_writes(limits, plan.controllers):
@@ -892,11 +896,13 @@ def _open_cgroup2(plan: MechanismPlan, facts: CgroupFacts, limits, run_id: str):
     return run
 
 
-def _mkdir(path: str, hint: str = "") -> None:
+def _mkdir(path: str, explain=None) -> None:
+    """mkdir a cgroup; `explain(errno)` turns a misleading errno into a hint."""
     log.debug("mkdir %s", path)
     try:
         os.mkdir(path)
     except OSError as e:
+        hint = explain(e.errno) if explain else ""
         raise kernel_error(f"mkdir {path}", e.errno, hint) from e
 
 
