@@ -41,7 +41,7 @@ if [ -z "$mirror" ]; then
 fi
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/sbx-debootstrap.XXXXXX")
-trap 'rm -rf "$work"' EXIT INT TERM
+trap 'rm -rf "$work" "$out.part"' EXIT INT TERM
 
 echo "debian-minbase.sh: debootstrap --variant=minbase $suite from $mirror" >&2
 debootstrap --variant=minbase "$suite" "$work/root" "$mirror" >"$work/log" 2>&1 || {
@@ -58,6 +58,6 @@ case "$out" in
     *.tar) compress="cat" ;;
     *) echo "debian-minbase.sh: OUT must end in .tar, .tar.gz or .tar.xz" >&2; exit 2 ;;
 esac
-tar --numeric-owner --xattrs -C "$work/root" -cf - . | $compress >"$out.part"
+tar --numeric-owner -C "$work/root" -cf - . | $compress >"$out.part"
 mv "$out.part" "$out"
 echo "debian-minbase.sh: wrote $out ($(du -h "$out" | cut -f1))" >&2

@@ -8,6 +8,10 @@ images are flattened at import, see :mod:`sandbox.rootfs.store`.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from .importer import ImportRefused, import_image
 from .store import LOWERDIRS_NEED_USERXATTR, Image, Store, verify_layer
 
@@ -16,6 +20,7 @@ __all__ = [
     "ImportRefused",
     "LOWERDIRS_NEED_USERXATTR",
     "Store",
+    "image_in_use",
     "image_lowerdirs",
     "import_image",
     "list_images",
@@ -48,6 +53,26 @@ def image_lowerdirs(name: str, store: Store | None = None) -> list[str]:
     store = store or Store()
     image = store.read(name)
     return [str(store.layer_path(digest)) for digest in reversed(image.layers)]
+
+
+@contextlib.contextmanager
+def image_in_use(name: str, store: Store | None = None) -> Iterator[list[str]]:
+    """Hold image `name` for a run and give its lower directories (top first).
+
+    While the block runs, `remove_image` removes the manifest but keeps the layers;
+    they are removed when the last holder leaves. The locks are close-on-exec, so the
+    payload never inherits them; the supervisor, which outlives the payload, should be
+    the one holding them.
+    """
+    store = store or Store()
+    image, fds = store.hold_layers(name)
+    try:
+        yield [str(store.layer_path(digest)) for digest in reversed(image.layers)]
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if not store.manifest_path(name).exists():
+            store.collect_garbage()
 
 
 def verify_image(name: str, store: Store | None = None) -> bool:

@@ -38,7 +38,12 @@ READ_CHUNK_BYTES = 1 << 20
 
 # The kinds an Entry can have. Only the first four are ever created in a store.
 DIR, FILE, SYMLINK, HARDLINK = "dir", "file", "symlink", "hardlink"
-CHAR_DEVICE, BLOCK_DEVICE, FIFO, SOCKET = "char-device", "block-device", "fifo", "socket"
+CHAR_DEVICE, BLOCK_DEVICE, FIFO, SOCKET = (
+    "char-device",
+    "block-device",
+    "fifo",
+    "socket",
+)
 OTHER = "other"
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -193,7 +198,9 @@ def tar_entries(path: str, label: str | None = None) -> EntryStream:
             raise ArchiveError(f"{label} is not a tar archive ({exc})") from exc
         yield from _members(archive, label)
         if not getattr(archive, "sbx_seen_end", False):
-            raise ArchiveError(f"{label} ends without an end-of-archive block (truncated)")
+            raise ArchiveError(
+                f"{label} ends without an end-of-archive block (truncated)"
+            )
         # Read to the end so the decompressor checks its trailer (CRC, length).
         while reader.read(READ_CHUNK_BYTES):
             pass
@@ -306,7 +313,9 @@ def _directory_entry(
     kind = _kind_of_stat(st)
     mode = stat.S_IMODE(st.st_mode)
     if kind == SYMLINK:
-        return Entry(rel, kind, mode, st.st_mtime, os.readlink(name, dir_fd=dirfd)), None
+        return Entry(
+            rel, kind, mode, st.st_mtime, os.readlink(name, dir_fd=dirfd)
+        ), None
     if kind != FILE:
         return Entry(rel, kind, mode, st.st_mtime), None
 
@@ -321,7 +330,9 @@ def _directory_entry(
         try:
             fd = os.open(name, flags, dir_fd=dirfd)
         except OSError as exc:
-            raise ArchiveError(f"cannot read {rel!r} in {top!r}: {exc.strerror}") from exc
+            raise ArchiveError(
+                f"cannot read {rel!r} in {top!r}: {exc.strerror}"
+            ) from exc
         # The name was a regular file when listed; refuse whatever replaced it since.
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)

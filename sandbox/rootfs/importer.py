@@ -39,9 +39,15 @@ OCI_INDEX_TYPES = (
 )
 BLOB_CHUNK_BYTES = 1 << 20
 # platform.machine() names -> OCI architecture names.
-OCI_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm",
-                     "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-                     "riscv64": "riscv64"}
+OCI_ARCHITECTURES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "i686": "386",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 class ImportRefused(UsageError):
@@ -94,7 +100,9 @@ def import_image(
             f"cannot import {source!r}: {exc}; nothing was stored", exc.entry_name
         ) from exc
     except ArchiveError as exc:
-        raise UsageError(f"cannot import {source!r}: {exc}; nothing was stored") from exc
+        raise UsageError(
+            f"cannot import {source!r}: {exc}; nothing was stored"
+        ) from exc
     except OSError as exc:
         raise SandboxError(
             f"cannot import {source!r}: writing the store {store.root} failed: {exc}"
@@ -110,6 +118,11 @@ def _check_source(source: str, store: Store) -> Path:
     real, store_real = os.path.realpath(path), os.path.realpath(store.root)
     if os.path.commonpath([real, store_real]) == store_real:
         raise UsageError(f"cannot import {source!r}: it is inside the image store")
+    if path.is_dir() and os.path.commonpath([real, store_real]) == real:
+        raise UsageError(
+            f"cannot import {source!r}: the image store {store.root} is inside it; "
+            "import a directory that does not contain the store"
+        )
     if not (path.is_dir() or path.is_file()):
         raise UsageError(
             f"cannot import {source!r}: it is neither a directory nor a regular file"
@@ -181,7 +194,8 @@ def _apply_layers(root: Path, refs: list[LayerRef]):
             try:
                 writer.apply_all(tar_entries(str(ref.path), ref.label))
             except UnsafeEntry as exc:
-                raise UnsafeEntry(exc.entry_name, f"(in {ref.label}) {exc.reason}")
+                reason = f"(in {ref.label}) {exc.reason}"
+                raise UnsafeEntry(exc.entry_name, reason) from exc
             log.info("applied %s", ref.label)
         summary = writer.summary()
         writer.finish()
@@ -215,8 +229,10 @@ def _layout_layers(root: Path) -> tuple[str, list[LayerRef]] | None:
             entries = json.loads(manifest.read_text())
         except (ValueError, UnicodeDecodeError):
             return None
-        if isinstance(entries, list) and entries and all(
-            isinstance(e, dict) and "Layers" in e for e in entries
+        if (
+            isinstance(entries, list)
+            and entries
+            and all(isinstance(e, dict) and "Layers" in e for e in entries)
         ):
             return "docker", docker_layers(root, entries)
     return None
@@ -254,7 +270,8 @@ def choose_manifest(index) -> dict:
     if len(distinct) > 1:
         arch = OCI_ARCHITECTURES.get(platform.machine(), platform.machine())
         distinct = [
-            m for m in distinct
+            m
+            for m in distinct
             if m.get("platform", {}).get("architecture") == arch
             and m.get("platform", {}).get("os", "linux") == "linux"
         ]
@@ -269,8 +286,10 @@ def choose_manifest(index) -> dict:
 def blob_path(root: Path, digest: str) -> Path:
     """The file of blob `digest` ("sha256:HEX"), which must lie inside `root`."""
     algorithm, _, hex_digest = digest.partition(":")
-    if algorithm != "sha256" or len(hex_digest) != 64 or not all(
-        c in "0123456789abcdef" for c in hex_digest
+    if (
+        algorithm != "sha256"
+        or len(hex_digest) != 64
+        or not all(c in "0123456789abcdef" for c in hex_digest)
     ):
         raise ArchiveError(f"{digest!r} is not a sha256 digest sbx can look up")
     return _inside(root, f"blobs/sha256/{hex_digest}", f"blob {digest[:19]}")

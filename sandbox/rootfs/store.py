@@ -6,6 +6,7 @@ variable is unset or not absolute)::
     lock                    flock(2) taken for every change of images/ or layers/
     images/NAME.json        one manifest per image (see Image)
     layers/SHA256/          one extracted tree per layer, never written after import
+    locks/SHA256            flock(2), shared while a run uses the layer
     tmp/PID-RANDOM/         work space of an import in progress
 
 Why images are flattened
@@ -38,6 +39,10 @@ identical one is there), and the manifest is written last, through a temporary f
 and a rename, under the lock. An import that fails at any point leaves no manifest, so
 ``list_images`` never shows half an image; its work directory is removed on the way
 out, or by the next import if the process died.
+
+Removing an image while a sandbox runs on it: the manifest goes at once, but a layer
+that a run holds (:meth:`Store.hold_layers`, a shared flock on ``locks/SHA256``) is
+kept until the run lets go, so a running overlay never loses its lower directory.
 """
 
 from __future__ import annotations
@@ -96,8 +101,9 @@ class Image:
     @classmethod
     def from_json(cls, data: dict) -> Image:
         if data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"manifest version {data.get('version')!r} is not "
-                             f"{MANIFEST_VERSION}")
+            raise ValueError(
+                f"manifest version {data.get('version')!r} is not {MANIFEST_VERSION}"
+            )
         layers = tuple(data["layers"])
         if not layers or not all(DIGEST_PATTERN.fullmatch(d) for d in layers):
             raise ValueError("layers must be a non-empty list of sha256 hex digests")
@@ -139,6 +145,7 @@ class Store:
         self.images = self.root / "images"
         self.layers = self.root / "layers"
         self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
 
     # --- reading -------------------------------------------------------------------
 
@@ -233,6 +240,26 @@ class Store:
             self._collect_garbage()
         log.info("stored image %s (%d bytes)", image.name, image.size_bytes)
 
+    def hold_layers(self, name: str) -> tuple[Image, list[int]]:
+        """Take a shared lock on each layer of image `name` so no removal deletes them
+        while a run uses them. Returns the image and the lock descriptors (close-on-
+        exec; closing them lets go)."""
+        with self.locked():
+            image = self.read(name)
+            fds = []
+            for digest in image.layers:
+                fd = os.open(
+                    self.locks / digest, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                fds.append(fd)
+        return image, fds
+
+    def collect_garbage(self) -> None:
+        """Remove every layer no image refers to and no run holds."""
+        with self.locked():
+            self._collect_garbage()
+
     def remove(self, name: str) -> None:
         with self.locked():
             manifest = self.manifest_path(name)
@@ -259,15 +286,27 @@ class Store:
         for layer in self.layers.iterdir():
             if layer.name in wanted:
                 continue
-            doomed = self.tmp / f"{os.getpid()}-gc-{layer.name[:12]}"
-            os.rename(layer, doomed)
-            remove_tree(str(doomed))
+            lock = self.locks / layer.name
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                log.info("keeping layer %s: a run still uses it", layer.name[:12])
+                continue
+            try:
+                doomed = self.tmp / f"{os.getpid()}-gc-{layer.name[:12]}"
+                os.rename(layer, doomed)
+                remove_tree(str(doomed))
+                os.unlink(lock)
+            finally:
+                os.close(fd)
             log.info("removed layer %s (no image uses it)", layer.name[:12])
 
     def _ensure_dirs(self) -> None:
         for path in (self.root.parent, self.root):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in (self.images, self.layers, self.tmp):
+        for path in (self.images, self.layers, self.tmp, self.locks):
             path.mkdir(mode=0o700, exist_ok=True)
 
 

@@ -135,8 +135,9 @@ class TreeWriter:
         self.stats.entries += 1
         if not parts:
             if entry.kind != DIR:
-                raise UnsafeEntry(entry.name, "names the image's root but is not a "
-                                  "directory")
+                raise UnsafeEntry(
+                    entry.name, "names the image's root but is not a directory"
+                )
             self._dir_modes[()] = (self._safe_mode(entry), entry.mtime_s)
             return
         if self.layer_mode and parts[-1].startswith(WHITEOUT_PREFIX):
@@ -181,8 +182,10 @@ class TreeWriter:
             elif entry.kind == HARDLINK:
                 self._make_hardlink(parent_fd, parts, entry)
             else:
-                self._note(f"skipped {entry.kind} {entry.name!r}: sbx creates no "
-                           "device nodes, FIFOs or sockets in images")
+                self._note(
+                    f"skipped {entry.kind} {entry.name!r}: sbx creates no "
+                    "device nodes, FIFOs or sockets in images"
+                )
                 return
             self._mark(parts)
         finally:
@@ -218,15 +221,17 @@ class TreeWriter:
         try:
             target = clean_name(entry.link_target)
         except UnsafeEntry as exc:
-            raise UnsafeEntry(entry.name, f"is a hard link whose target {exc.reason}")
+            reason = f"is a hard link whose target {exc.reason}"
+            raise UnsafeEntry(entry.name, reason) from exc
         if not target:
             raise UnsafeEntry(entry.name, "is a hard link to the image's root")
         try:
             target_fd = self._open_parent(target, entry.name, create=False)
         except _MissingParent:
             raise UnsafeEntry(
-                entry.name, f"is a hard link to {entry.link_target!r}, which is not "
-                "in the image") from None
+                entry.name,
+                f"is a hard link to {entry.link_target!r}, which is not in the image",
+            ) from None
         try:
             found = _lstat(target_fd, target[-1])
             if found is None or stat.S_ISDIR(found.st_mode):
@@ -238,8 +243,13 @@ class TreeWriter:
             if target == parts:
                 return
             self._replace(parent_fd, parts)
-            os.link(target[-1], parts[-1], src_dir_fd=target_fd,
-                    dst_dir_fd=parent_fd, follow_symlinks=False)
+            os.link(
+                target[-1],
+                parts[-1],
+                src_dir_fd=target_fd,
+                dst_dir_fd=parent_fd,
+                follow_symlinks=False,
+            )
         finally:
             if target_fd != self._root_fd:
                 os.close(target_fd)
@@ -269,7 +279,7 @@ class TreeWriter:
                 self._clear_lower(parent_fd, directory)
                 self._mark(directory)
                 return
-            hidden = parts[-1][len(WHITEOUT_PREFIX):]
+            hidden = parts[-1][len(WHITEOUT_PREFIX) :]
             if hidden in ("", ".", ".."):
                 raise UnsafeEntry(entry.name, "is a whiteout with no name to hide")
             target = directory + (hidden,)
@@ -303,7 +313,8 @@ class TreeWriter:
             self._this_layer.add(parts[:depth])
 
     def _note(self, text: str) -> None:
-        log.warning("%s", text)
+        # Not a weakened guarantee (the image is safer than its source): INFO.
+        log.info("%s", text)
         self.stats.notes.append(text)
 
     def _open_parent(self, parts, entry_name: str, create: bool = True) -> int:
@@ -320,8 +331,9 @@ class TreeWriter:
             except FileNotFoundError:
                 if not create:
                     raise _MissingParent(
-                        entry_name, f"needs {'/'.join(parts[:depth])!r}, which is not "
-                        "in the image") from None
+                        entry_name,
+                        f"needs {'/'.join(parts[:depth])!r}, which is not in the image",
+                    ) from None
                 os.mkdir(name, BUILD_DIR_MODE, dir_fd=fd)
                 self._dir_modes.setdefault(parts[:depth], (0o755, 0.0))
                 next_fd = os.open(name, flags, dir_fd=fd)
@@ -376,7 +388,7 @@ def _copy(source, fd: int, digest) -> None:
         digest.update(chunk)
         view = memoryview(chunk)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
 
 # --- digests ---------------------------------------------------------------------
@@ -394,9 +406,9 @@ def summarize(
     file_digests: dict[tuple[str, ...], str] | None = None,
     dir_modes: dict[tuple[str, ...], tuple[int, float]] | None = None,
 ) -> TreeSummary:
-    """The tree's digest: a sha256 over a canonical listing of the tree at `root`: for each entry in
-    sorted order, its path, kind, permission bits, whole-second mtime, and its content
-    digest (files) or target (symlinks). Two trees with the same digest look the same
+    """The tree's digest: a sha256 over a canonical listing of the tree at `root`:
+    for each entry in sorted order, its path, kind, permission bits, whole-second
+    mtime, and its content digest (files) or target (symlinks). Two trees with the same digest look the same
     to a program inside the sandbox (owners aside, which are always the importer).
 
     `file_digests` and `dir_modes` let a writer supply what it recorded; without them
@@ -411,17 +423,23 @@ def summarize(
         entries += 1
         path = "/".join(parts) or "."
         if stat.S_ISDIR(st.st_mode):
-            mode, mtime_s = dir_modes.get(parts, (stat.S_IMODE(st.st_mode), st.st_mtime))
+            mode, mtime_s = dir_modes.get(
+                parts, (stat.S_IMODE(st.st_mode), st.st_mtime)
+            )
             line = f"d {mode:04o} {int(mtime_s)} {path}"
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(os.path.join(root, *parts))
             line = f"l {int(st.st_mtime)} {path} -> {target}"
         else:
-            content = file_digests.get(parts) or _file_digest(os.path.join(root, *parts))
+            content = file_digests.get(parts) or _file_digest(
+                os.path.join(root, *parts)
+            )
             if st.st_ino not in inodes:
                 inodes.add(st.st_ino)
                 size_bytes += st.st_size
-            line = f"f {stat.S_IMODE(st.st_mode):04o} {int(st.st_mtime)} {path} {content}"
+            line = (
+                f"f {stat.S_IMODE(st.st_mode):04o} {int(st.st_mtime)} {path} {content}"
+            )
         listing.update(line.encode("utf-8", "surrogateescape") + b"\n")
     return TreeSummary(listing.hexdigest(), size_bytes, entries)
 

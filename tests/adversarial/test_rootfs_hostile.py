@@ -31,7 +31,8 @@ from sandbox.errors import SbxError
 out = {}
 try:
     image = rootfs.import_image(sys.argv[1], "hostile")
-    out.update(ok=True, notes=list(image.notes), lowerdirs=rootfs.image_lowerdirs("hostile"))
+    lowerdirs = rootfs.image_lowerdirs("hostile")
+    out.update(ok=True, notes=list(image.notes), lowerdirs=lowerdirs)
 except SbxError as exc:
     out.update(ok=False, error=str(exc), kind=type(exc).__name__,
                entry=getattr(exc, "entry", None))
@@ -48,7 +49,13 @@ print(json.dumps(out))
 
 def member(name, kind=tarfile.REGTYPE, data=b"", mode=0o644, linkname="", uid=0):
     info = tarfile.TarInfo(name)
-    info.type, info.mode, info.linkname, info.uid, info.gid = kind, mode, linkname, uid, 0
+    info.type, info.mode, info.linkname, info.uid, info.gid = (
+        kind,
+        mode,
+        linkname,
+        uid,
+        0,
+    )
     info.size = len(data) if kind == tarfile.REGTYPE else 0
     if kind == tarfile.CHRTYPE:
         info.devmajor, info.devminor = 1, 3
@@ -80,18 +87,39 @@ def oci_tar(path: Path, layer_members) -> Path:
     write_tar(layer_path, layer_members)
     layer = blob(layer_path.read_bytes())
     config = blob(b"{}")
-    manifest = blob(json.dumps({
+    manifest = blob(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config,
+                    "size": 2,
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer,
+                        "size": layer_path.stat().st_size,
+                    }
+                ],
+            }
+        ).encode()
+    )
+    index = {
         "schemaVersion": 2,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config, "size": 2},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer, "size": layer_path.stat().st_size}],
-    }).encode())
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-         "digest": manifest, "size": len(blobs[manifest[7:]])}]}
-    files = [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
-             ("index.json", json.dumps(index).encode())]
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest,
+                "size": len(blobs[manifest[7:]]),
+            }
+        ],
+    }
+    files = [
+        ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+        ("index.json", json.dumps(index).encode()),
+    ]
     files += [(f"blobs/sha256/{d}", data) for d, data in blobs.items()]
     with tarfile.open(fileobj=layout, mode="w") as archive:
         for name, data in files:
@@ -109,38 +137,75 @@ def hostile_archives(work: Path, token: str) -> dict:
     out_tmp = f"tmp/{token}"
     cases = {
         "dotdot": ([member("../" * 12 + out_tmp, data=b"x")], "../" * 12 + out_tmp),
-        "dotdot-inside": ([member("a", tarfile.DIRTYPE, mode=0o755),
-                           member(f"a/../../{token}", data=b"x")], f"a/../../{token}"),
+        "dotdot-inside": (
+            [
+                member("a", tarfile.DIRTYPE, mode=0o755),
+                member(f"a/../../{token}", data=b"x"),
+            ],
+            f"a/../../{token}",
+        ),
         "absolute": ([member(f"/tmp/{token}", data=b"x")], f"/tmp/{token}"),
-        "symlink-to-tmp": ([member("evil", tarfile.SYMTYPE, linkname="/tmp"),
-                            member(f"evil/{token}", data=b"x")], f"evil/{token}"),
-        "symlink-chain-up": ([member("up", tarfile.SYMTYPE, linkname=".."),
-                              member("up/" * 10 + out_tmp, data=b"x")],
-                             "up/" * 10 + out_tmp),
-        "symlink-then-dir": ([member("evil", tarfile.SYMTYPE, linkname="/tmp"),
-                              member(f"evil/{token}", tarfile.DIRTYPE, mode=0o755)],
-                             f"evil/{token}"),
-        "hardlink-passwd": ([member(f"p-{token}", tarfile.LNKTYPE,
-                                    linkname="/etc/passwd")], f"p-{token}"),
-        "hardlink-passwd-dotdot": ([member(f"p-{token}", tarfile.LNKTYPE,
-                                           linkname="../" * 12 + "etc/passwd")],
-                                   f"p-{token}"),
-        "hardlink-through-symlink": ([member("etc", tarfile.SYMTYPE, linkname="/etc"),
-                                      member(f"p-{token}", tarfile.LNKTYPE,
-                                             linkname="etc/passwd")], f"p-{token}"),
+        "symlink-to-tmp": (
+            [
+                member("evil", tarfile.SYMTYPE, linkname="/tmp"),
+                member(f"evil/{token}", data=b"x"),
+            ],
+            f"evil/{token}",
+        ),
+        "symlink-chain-up": (
+            [
+                member("up", tarfile.SYMTYPE, linkname=".."),
+                member("up/" * 10 + out_tmp, data=b"x"),
+            ],
+            "up/" * 10 + out_tmp,
+        ),
+        "symlink-then-dir": (
+            [
+                member("evil", tarfile.SYMTYPE, linkname="/tmp"),
+                member(f"evil/{token}", tarfile.DIRTYPE, mode=0o755),
+            ],
+            f"evil/{token}",
+        ),
+        "hardlink-passwd": (
+            [member(f"p-{token}", tarfile.LNKTYPE, linkname="/etc/passwd")],
+            f"p-{token}",
+        ),
+        "hardlink-passwd-dotdot": (
+            [member(f"p-{token}", tarfile.LNKTYPE, linkname="../" * 12 + "etc/passwd")],
+            f"p-{token}",
+        ),
+        "hardlink-through-symlink": (
+            [
+                member("etc", tarfile.SYMTYPE, linkname="/etc"),
+                member(f"p-{token}", tarfile.LNKTYPE, linkname="etc/passwd"),
+            ],
+            f"p-{token}",
+        ),
         "symlink-then-file-of-same-name": (
-            [member(token, tarfile.SYMTYPE, linkname=f"/tmp/{token}"),
-             member(token, data=b"replaced")], None),
+            [
+                member(token, tarfile.SYMTYPE, linkname=f"/tmp/{token}"),
+                member(token, data=b"replaced"),
+            ],
+            None,
+        ),
         "char-device": ([member(f"dev/{token}", tarfile.CHRTYPE, mode=0o666)], None),
         "fifo": ([member(f"{token}.fifo", tarfile.FIFOTYPE)], None),
-        "setuid-root-binary": ([member(f"bin/{token}", data=b"\x7fELF", mode=0o4755),
-                                member(f"bin/{token}-g", data=b"x", mode=0o2755)],
-                               None),
+        "setuid-root-binary": (
+            [
+                member(f"bin/{token}", data=b"\x7fELF", mode=0o4755),
+                member(f"bin/{token}-g", data=b"x", mode=0o2755),
+            ],
+            None,
+        ),
     }
-    archives = {name: (write_tar(work / f"{name}.tar", members), bad)
-                for name, (members, bad) in cases.items()}
+    archives = {
+        name: (write_tar(work / f"{name}.tar", members), bad)
+        for name, (members, bad) in cases.items()
+    }
     archives["oci-layer-dotdot"] = (
-        oci_tar(work / "oci-layer-dotdot.tar", [member("../" * 12 + out_tmp, data=b"x")]),
+        oci_tar(
+            work / "oci-layer-dotdot.tar", [member("../" * 12 + out_tmp, data=b"x")]
+        ),
         "../" * 12 + out_tmp,
     )
     return archives
@@ -165,10 +230,21 @@ def import_as(caller, work: Path, archive: Path) -> dict:
     env = caller.env() | {"XDG_DATA_HOME": str(work / "data"), "HOME": str(caller.home)}
     command = [sys.executable, "-c", IMPORT_SCRIPT, str(archive)]
     if caller.uid != os.geteuid():
-        command = ["setpriv", f"--reuid={caller.uid}", f"--regid={caller.gid}",
-                   "--init-groups", *command]
-    done = subprocess.run(command, env=env, cwd=str(work / "data"), capture_output=True,
-                          text=True, timeout=60)
+        command = [
+            "setpriv",
+            f"--reuid={caller.uid}",
+            f"--regid={caller.gid}",
+            "--init-groups",
+            *command,
+        ]
+    done = subprocess.run(
+        command,
+        env=env,
+        cwd=str(work / "data"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -237,8 +313,13 @@ def remove_as(caller, work: Path) -> None:
     script = "from sandbox import rootfs; rootfs.remove_image('hostile')"
     command = [sys.executable, "-c", script]
     if caller.uid != os.geteuid():
-        command = ["setpriv", f"--reuid={caller.uid}", f"--regid={caller.gid}",
-                   "--init-groups", *command]
+        command = [
+            "setpriv",
+            f"--reuid={caller.uid}",
+            f"--regid={caller.gid}",
+            "--init-groups",
+            *command,
+        ]
     subprocess.run(command, env=env, check=True, timeout=60, cwd="/")
 
 
@@ -266,8 +347,15 @@ def test_truncated_gzip_leaves_nothing(caller, work, cut):
 
 def test_docker_manifest_pointing_outside_is_refused(caller, work):
     layout = io.BytesIO()
-    manifest = json.dumps([{"Config": "c.json", "RepoTags": ["x:1"],
-                            "Layers": ["../../../../../etc/passwd"]}]).encode()
+    manifest = json.dumps(
+        [
+            {
+                "Config": "c.json",
+                "RepoTags": ["x:1"],
+                "Layers": ["../../../../../etc/passwd"],
+            }
+        ]
+    ).encode()
     with tarfile.open(fileobj=layout, mode="w") as archive:
         info = tarfile.TarInfo("manifest.json")
         info.size = len(manifest)

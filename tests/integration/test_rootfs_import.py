@@ -72,14 +72,25 @@ def work(caller):
 def as_caller(caller, command: list[str]) -> list[str]:
     if caller.uid == os.geteuid():
         return command
-    return ["setpriv", f"--reuid={caller.uid}", f"--regid={caller.gid}",
-            "--init-groups", *command]
+    return [
+        "setpriv",
+        f"--reuid={caller.uid}",
+        f"--regid={caller.gid}",
+        "--init-groups",
+        *command,
+    ]
 
 
 def sbx(caller, work: Path, *args: str):
     env = caller.env() | {"XDG_DATA_HOME": str(work / "data"), "HOME": str(caller.home)}
-    done = subprocess.run(as_caller(caller, [sys.executable, "-c", SCRIPT, *args]),
-                          env=env, cwd="/", capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        as_caller(caller, [sys.executable, "-c", SCRIPT, *args]),
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -95,8 +106,13 @@ def in_overlay(caller, work: Path, lowerdirs: list[str], shell: str) -> str:
         f'chroot {mnt}/m /bin/sh -c "$1"'
     )
     command = ["unshare", "-Urm", "sh", "-c", setup, "sh", shell]
-    done = subprocess.run(as_caller(caller, command), capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    done = subprocess.run(
+        as_caller(caller, command),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -128,8 +144,12 @@ def readable(path: Path) -> Path:
 
 def busybox_base() -> list[tuple[str, bytes | str | None]]:
     applets = [(f"bin/{name}", "busybox") for name in ("sh", "ls", "cat", "echo")]
-    return [("bin", None), ("bin/busybox", Path("/bin/busybox").read_bytes()),
-            ("tmp", None), *applets]
+    return [
+        ("bin", None),
+        ("bin/busybox", Path("/bin/busybox").read_bytes()),
+        ("tmp", None),
+        *applets,
+    ]
 
 
 def oci_layout(top: Path, layers: list[bytes], gzip_layers: bool = True) -> Path:
@@ -144,28 +164,61 @@ def oci_layout(top: Path, layers: list[bytes], gzip_layers: bool = True) -> Path
         (blobs / digest).write_bytes(data)
         return {"digest": "sha256:" + digest, "size": len(data)}
 
-    layer_type = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers
-                                                              else "")
-    descriptors = [blob(gz.compress(layer) if gzip_layers else layer) | {
-        "mediaType": layer_type} for layer in layers]
+    layer_type = "application/vnd.oci.image.layer.v1.tar" + (
+        "+gzip" if gzip_layers else ""
+    )
+    descriptors = [
+        blob(gz.compress(layer) if gzip_layers else layer) | {"mediaType": layer_type}
+        for layer in layers
+    ]
     config = blob(b'{"architecture": "amd64", "os": "linux"}')
-    manifest = blob(json.dumps({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config | {"mediaType": "application/vnd.oci.image.config.v1+json"},
-        "layers": descriptors}).encode())
+    manifest = blob(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config
+                | {"mediaType": "application/vnd.oci.image.config.v1+json"},
+                "layers": descriptors,
+            }
+        ).encode()
+    )
     (top / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (top / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        manifest | {"mediaType": "application/vnd.oci.image.manifest.v1+json"}]}))
+    (top / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    manifest
+                    | {"mediaType": "application/vnd.oci.image.manifest.v1+json"}
+                ],
+            }
+        )
+    )
     return readable(top)
 
 
 def whiteout_layers() -> list[bytes]:
-    lower = tar_of(busybox_base() + [
-        ("etc", None), ("etc/gone", b"lower"), ("etc/kept", b"lower"),
-        ("d", None), ("d/old1", b"1"), ("d/sub", None), ("d/sub/old2", b"2")])
-    upper = tar_of([("etc/.wh.gone", b""), ("d", None), ("d/.wh..wh..opq", b""),
-                    ("d/new", b"upper")])
+    lower = tar_of(
+        busybox_base()
+        + [
+            ("etc", None),
+            ("etc/gone", b"lower"),
+            ("etc/kept", b"lower"),
+            ("d", None),
+            ("d/old1", b"1"),
+            ("d/sub", None),
+            ("d/sub/old2", b"2"),
+        ]
+    )
+    upper = tar_of(
+        [
+            ("etc/.wh.gone", b""),
+            ("d", None),
+            ("d/.wh..wh..opq", b""),
+            ("d/new", b"upper"),
+        ]
+    )
     return [lower, upper]
 
 
@@ -176,8 +229,12 @@ def test_oci_layout_whiteout_and_opaque_directory_in_a_real_overlay(caller, work
     layout = oci_layout(work / "oci", whiteout_layers())
     image = sbx(caller, work, "import", str(layout), "wh")
     assert image["source_format"] == "oci" and len(image["source_layers"]) == 2
-    seen = in_overlay(caller, work, image["lowerdirs"],
-                      "ls -A /etc; echo --; ls -A /d; echo --; cat /d/new")
+    seen = in_overlay(
+        caller,
+        work,
+        image["lowerdirs"],
+        "ls -A /etc; echo --; ls -A /d; echo --; cat /d/new",
+    )
     assert seen.split("--\n") == ["kept\n", "new\n", "upper"]
 
 
@@ -196,11 +253,22 @@ def test_oci_layout_as_a_tar_and_uncompressed_layers(caller, work):
 def test_docker_save_archive(caller, work):
     lower, upper = whiteout_layers()
     layout = io.BytesIO()
-    manifest = json.dumps([{"Config": "cfg.json", "RepoTags": ["wh:latest"],
-                            "Layers": ["l1/layer.tar", "l2/layer.tar"]}]).encode()
+    manifest = json.dumps(
+        [
+            {
+                "Config": "cfg.json",
+                "RepoTags": ["wh:latest"],
+                "Layers": ["l1/layer.tar", "l2/layer.tar"],
+            }
+        ]
+    ).encode()
     with tarfile.open(fileobj=layout, mode="w") as archive:
-        for name, data in [("l1/layer.tar", lower), ("l2/layer.tar", upper),
-                           ("cfg.json", b"{}"), ("manifest.json", manifest)]:
+        for name, data in [
+            ("l1/layer.tar", lower),
+            ("l2/layer.tar", upper),
+            ("cfg.json", b"{}"),
+            ("manifest.json", manifest),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -218,8 +286,11 @@ def busybox_builds():
     """The busybox recipe's output, as a tarball and as a directory."""
     top = Path(tempfile.mkdtemp(prefix="sbx-rootfs-bb-"))
     for out in ("bb.tar.gz", "bb"):
-        subprocess.run([str(REPO / "rootfs" / "busybox.sh"), str(top / out)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(REPO / "rootfs" / "busybox.sh"), str(top / out)],
+            check=True,
+            capture_output=True,
+        )
     yield readable(top)
     shutil.rmtree(top, ignore_errors=True)
 
@@ -230,9 +301,13 @@ def test_busybox_recipe_runs_in_an_overlay_and_the_image_is_unchanged(
 ):
     image = sbx(caller, work, "import", str(busybox_builds / form), "bb")
     assert image["source_format"] == ("directory" if form == "bb" else "tar")
-    seen = in_overlay(caller, work, image["lowerdirs"],
-                      "echo written > /tmp/new && cat /tmp/new && echo x >> /etc/issue"
-                      " && wc -l < /etc/issue")
+    seen = in_overlay(
+        caller,
+        work,
+        image["lowerdirs"],
+        "echo written > /tmp/new && cat /tmp/new && echo x >> /etc/issue"
+        " && wc -l < /etc/issue",
+    )
     assert seen.split() == ["written", "2"]
     layer = Path(image["lowerdirs"][0])
     assert not (layer / "tmp" / "new").exists()
@@ -270,10 +345,14 @@ def test_names_in_use_missing_images_and_replacing(caller, work):
     layers = work / "data" / "sbx" / "rootfs" / "layers"
     assert os.listdir(layers) == replaced["layers"]  # the old layer was collected
     missing = sbx(caller, work, "show", "nope")
-    assert missing["kind"] == "UsageError" and "no image named 'nope'" in missing["error"]
+    assert (
+        missing["kind"] == "UsageError" and "no image named 'nope'" in missing["error"]
+    )
     assert sbx(caller, work, "rm", "nope")["kind"] == "UsageError"
     nothing = sbx(caller, work, "import", str(work / "absent.tar"), "x")
     assert "no such file" in nothing["error"]
+    around = sbx(caller, work, "import", str(work), "x")  # work/data holds the store
+    assert around["kind"] == "UsageError" and "store" in around["error"]
 
 
 def test_concurrent_imports_of_the_same_content(caller, work):
@@ -281,10 +360,17 @@ def test_concurrent_imports_of_the_same_content(caller, work):
     archive.write_bytes(tar_of(busybox_base(), mode="w"))
     readable(archive)
     env = caller.env() | {"XDG_DATA_HOME": str(work / "data"), "HOME": str(caller.home)}
-    runs = [subprocess.Popen(
-        as_caller(caller, [sys.executable, "-c", SCRIPT, "import", str(archive),
-                           f"c{i}"]), env=env, cwd="/", stdout=subprocess.PIPE)
-        for i in range(4)]
+    runs = [
+        subprocess.Popen(
+            as_caller(
+                caller, [sys.executable, "-c", SCRIPT, "import", str(archive), f"c{i}"]
+            ),
+            env=env,
+            cwd="/",
+            stdout=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
     results = [json.loads(run.communicate(timeout=120)[0]) for run in runs]
     assert len({tuple(r["layers"]) for r in results}) == 1
     store = work / "data" / "sbx" / "rootfs"
@@ -312,14 +398,18 @@ def test_an_abandoned_work_directory_is_cleaned_by_the_next_import(caller, work)
 def debian_tarball() -> Path:
     """The recipe's Debian bookworm minbase tarball, built at most once a week."""
     fresh = DEBIAN_TARBALL.exists() and (
-        time.time() - DEBIAN_TARBALL.stat().st_mtime < DEBIAN_MAX_AGE_S)
+        time.time() - DEBIAN_TARBALL.stat().st_mtime < DEBIAN_MAX_AGE_S
+    )
     if not fresh:
         if os.geteuid() != 0:
             pytest.skip(f"debootstrap needs root and {DEBIAN_TARBALL} is not built yet")
         CACHE.mkdir(parents=True, exist_ok=True)
         CACHE.chmod(0o755)
-        subprocess.run([str(REPO / "rootfs" / "debian-minbase.sh"),
-                        str(DEBIAN_TARBALL)], check=True, timeout=1200)
+        subprocess.run(
+            [str(REPO / "rootfs" / "debian-minbase.sh"), str(DEBIAN_TARBALL)],
+            check=True,
+            timeout=1200,
+        )
     DEBIAN_TARBALL.chmod(0o644)
     return DEBIAN_TARBALL
 
@@ -337,9 +427,13 @@ def test_debian_minbase_runs_unprivileged_and_stays_unchanged(
     try:
         image = sbx(caller, top, "import", str(debian_tarball), "bookworm")
         assert image["source_format"] == "tar"
-        seen = in_overlay(caller, top, image["lowerdirs"],
-                          "cat /etc/debian_version; apt-get --version | head -n 1; "
-                          "echo run > /written; cat /written")
+        seen = in_overlay(
+            caller,
+            top,
+            image["lowerdirs"],
+            "cat /etc/debian_version; apt-get --version | head -n 1; "
+            "echo run > /written; cat /written",
+        )
         version, apt, written = seen.splitlines()
         assert version.startswith("12.") and apt.startswith("apt ")
         assert written == "run"
@@ -348,3 +442,32 @@ def test_debian_minbase_runs_unprivileged_and_stays_unchanged(
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", str(top)], capture_output=True)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_removing_an_image_in_use_keeps_its_layers_until_the_run_ends(caller, work):
+    archive = work / "a.tar"
+    archive.write_bytes(tar_of(busybox_base()))
+    readable(archive)
+    sbx(caller, work, "import", str(archive), "busy")
+    hold = (
+        "import sys, time\n"
+        "from sandbox import rootfs\n"
+        "with rootfs.image_in_use('busy') as lowerdirs:\n"
+        "    print(lowerdirs[0], flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    env = caller.env() | {"XDG_DATA_HOME": str(work / "data"), "HOME": str(caller.home)}
+    run = subprocess.Popen(
+        as_caller(caller, [sys.executable, "-c", hold]),
+        env=env,
+        cwd="/",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    layer = Path(run.stdout.readline().strip())
+    sbx(caller, work, "rm", "busy")
+    assert sbx(caller, work, "list") == []
+    assert (layer / "bin" / "busybox").exists()  # the run still sees its image
+    run.communicate("done\n", timeout=60)
+    assert run.returncode == 0 and not layer.exists()

@@ -71,8 +71,16 @@ def test_default_root_follows_xdg_data_home(monkeypatch, tmp_path):
 
 
 def test_image_manifest_round_trip():
-    image = Image("deb", "/src.tar", "tar", "2025-01-01T00:00:00+00:00", (HEX,), 10,
-                  ("sha256:" + HEX,), ("note",))
+    image = Image(
+        "deb",
+        "/src.tar",
+        "tar",
+        "2025-01-01T00:00:00+00:00",
+        (HEX,),
+        10,
+        ("sha256:" + HEX,),
+        ("note",),
+    )
     data = json.loads(json.dumps(image.to_json()))
     assert data["version"] == 1 and data["layers"] == [HEX]
     assert Image.from_json(data) == image
@@ -110,10 +118,14 @@ def test_compression_is_told_by_magic_bytes(head, kind):
 def test_choose_manifest_single_and_per_platform(monkeypatch):
     one = {"digest": "sha256:" + HEX, "mediaType": "m"}
     assert choose_manifest({"manifests": [one, dict(one)]}) == one
-    amd = {"digest": "sha256:" + "1" * 64, "platform": {"architecture": "amd64",
-                                                        "os": "linux"}}
-    arm = {"digest": "sha256:" + "2" * 64, "platform": {"architecture": "arm64",
-                                                        "os": "linux"}}
+    amd = {
+        "digest": "sha256:" + "1" * 64,
+        "platform": {"architecture": "amd64", "os": "linux"},
+    }
+    arm = {
+        "digest": "sha256:" + "2" * 64,
+        "platform": {"architecture": "arm64", "os": "linux"},
+    }
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert choose_manifest({"manifests": [arm, amd]}) == amd
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
@@ -131,8 +143,13 @@ def test_choose_manifest_refuses_ambiguity_and_emptiness():
 
 @pytest.mark.parametrize(
     "digest",
-    ["sha256:../../../etc/passwd", "sha512:" + HEX, "sha256:" + HEX.upper(), HEX,
-     "sha256:" + HEX[:-1] + "/"],
+    [
+        "sha256:../../../etc/passwd",
+        "sha512:" + HEX,
+        "sha256:" + HEX.upper(),
+        HEX,
+        "sha256:" + HEX[:-1] + "/",
+    ],
 )
 def test_blob_path_refuses_digests_that_are_not_sha256_hex(tmp_path, digest):
     with pytest.raises(ArchiveError, match="not a sha256 digest"):

@@ -68,8 +68,15 @@ def root(tmp_path):
 
 
 def test_files_dirs_and_symlinks_are_created_with_their_modes(root):
-    build(root, [d("./etc", 0o755), f("etc/hostname", b"sbx\n", 0o600),
-                 link("etc/mtab", "/proc/self/mounts"), d("ro", 0o555)])
+    build(
+        root,
+        [
+            d("./etc", 0o755),
+            f("etc/hostname", b"sbx\n", 0o600),
+            link("etc/mtab", "/proc/self/mounts"),
+            d("ro", 0o555),
+        ],
+    )
     assert (root / "etc/hostname").read_bytes() == b"sbx\n"
     assert stat.S_IMODE(os.stat(root / "etc/hostname").st_mode) == 0o600
     assert os.readlink(root / "etc/mtab") == "/proc/self/mounts"
@@ -78,8 +85,9 @@ def test_files_dirs_and_symlinks_are_created_with_their_modes(root):
 
 
 def test_setuid_and_setgid_bits_are_cleared_with_a_note(root):
-    writer, _ = build(root, [f("su", mode=0o4755), f("wall", mode=0o2755),
-                             d("mail", 0o3775)])
+    writer, _ = build(
+        root, [f("su", mode=0o4755), f("wall", mode=0o2755), d("mail", 0o3775)]
+    )
     assert stat.S_IMODE(os.stat(root / "su").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(root / "wall").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(root / "mail").st_mode) == 0o1775  # sticky kept
@@ -87,8 +95,13 @@ def test_setuid_and_setgid_bits_are_cleared_with_a_note(root):
 
 
 def test_devices_and_fifos_are_skipped_with_a_note(root):
-    writer, _ = build(root, [(Entry("dev/null", CHAR_DEVICE, 0o666, 0.0), None),
-                             (Entry("pipe", FIFO, 0o644, 0.0), None)])
+    writer, _ = build(
+        root,
+        [
+            (Entry("dev/null", CHAR_DEVICE, 0o666, 0.0), None),
+            (Entry("pipe", FIFO, 0o644, 0.0), None),
+        ],
+    )
     assert not os.path.lexists(root / "dev/null") and not os.path.lexists(root / "pipe")
     assert any("'dev/null'" in note for note in writer.stats.notes)
 
@@ -134,8 +147,13 @@ def test_hard_links_share_an_inode(root):
 
 def test_whiteout_and_opaque_directory_across_layers(root):
     lower = [d("d"), f("d/old1"), d("d/sub"), f("d/sub/old2"), f("gone"), f("keep")]
-    upper = [f("d/new"), f(".wh.gone"), f("d/.wh..wh..opq"), d("d/sub"),
-             f("d/sub/new2")]
+    upper = [
+        f("d/new"),
+        f(".wh.gone"),
+        f("d/.wh..wh..opq"),
+        d("d/sub"),
+        f("d/sub/new2"),
+    ]
     build(root, lower, upper, layer_mode=True)
     assert sorted(os.listdir(root)) == ["d", "keep"]
     assert sorted(os.listdir(root / "d")) == ["new", "sub"]
@@ -161,8 +179,10 @@ def test_digest_depends_on_content_mode_and_names(tmp_path):
 
 
 def test_recorded_digest_matches_reading_the_tree_back(root):
-    _, summary = build(root, [d("ro", 0o500), f("ro/x", b"data", 0o400),
-                              f("y", b"abc"), hard("z", "y")])
+    _, summary = build(
+        root,
+        [d("ro", 0o500), f("ro/x", b"data", 0o400), f("y", b"abc"), hard("z", "y")],
+    )
     assert summarize(str(root)) == summary
     assert summary.size_bytes == 4 + 3
 
@@ -201,8 +221,10 @@ def tar_bytes(*members: tuple[str, bytes]) -> bytes:
 
 
 def read_all(path):
-    return [(e.name, opener().read() if opener else None)
-            for e, opener in tar_entries(str(path))]
+    return [
+        (e.name, opener().read() if opener else None)
+        for e, opener in tar_entries(str(path))
+    ]
 
 
 def test_tar_reader_reads_plain_and_gzip(tmp_path):
