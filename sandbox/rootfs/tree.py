@@ -408,8 +408,9 @@ def summarize(
 ) -> TreeSummary:
     """The tree's digest: a sha256 over a canonical listing of the tree at `root`:
     for each entry in sorted order, its path, kind, permission bits, whole-second
-    mtime, and its content digest (files) or target (symlinks). Two trees with the same digest look the same
-    to a program inside the sandbox (owners aside, which are always the importer).
+    mtime, and its content digest (files) or target (symlinks). Two trees with the
+    same digest look the same to a program inside the sandbox (owners aside, which are
+    always the importer).
 
     `file_digests` and `dir_modes` let a writer supply what it recorded; without them
     everything is read from disk (used to verify a stored layer).
