@@ -27,6 +27,16 @@ def exec_command(ctx: typer.Context) -> None:
     raise typer.Exit(exec_main(list(ctx.args)))
 
 
+def _register_commands() -> None:
+    from . import cli_batch, cli_instances
+
+    cli_batch.register(app)
+    cli_instances.register(app)
+
+
+_register_commands()
+
+
 def run_app(args: list[str]) -> int:
     try:
         app(args, prog_name="sbx", standalone_mode=False)
@@ -149,6 +159,17 @@ def _size(n: int) -> str:
         if n >= factor:
             return f"{n / factor:.1f}{unit}"
     return f"{n}B"
+
+
+@app.command("doctor")
+def doctor(as_json: bool = typer.Option(False, "--json", help="print the checks as JSON")) -> None:
+    """Check what this host lets sbx enforce, and say how to fix what is missing.
+    Exits non-zero when `sbx exec` cannot run here."""
+    from . import doctor as checks
+
+    results = checks.run_checks()
+    typer.echo(checks.render(results, json=as_json))
+    raise typer.Exit(checks.exit_code(results))
 
 
 @app.command("version")
