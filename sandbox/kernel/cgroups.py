@@ -7,7 +7,7 @@ Three mechanisms, in order of preference:
    memory.events; cgroup.kill (the freezer before Linux 5.14).
 2. **cgroup v1** groups (memory, pids, cpu, cpuacct, freezer), each created below the
    cgroup this process is in for that controller; in practice only root may do this.
-3. **rlimits** set by the payload itself: RLIMIT_AS for memory (a poor limit),
+3. **rlimits** set by the payload itself: RLIMIT_DATA for memory (a poor limit),
    RLIMIT_NPROC for tasks (per user namespace since Linux 5.14), nothing for a CPU
    share; whole-run CPU time is then watched by the supervisor.
 
@@ -381,10 +381,13 @@ def _fallback(key: str, limits: Limits, facts: CgroupFacts, backend: str):
         n = limits.memory_max_bytes
         return (
             "rlimit",
-            [(resource.RLIMIT_AS, n, n)],
-            f"memory limit enforced with RLIMIT_AS ({where}): it caps each "
-            "process's address space, not the run's memory, breaks JIT runtimes "
-            "that reserve address space, and shows as a failed allocation, not MLE",
+            # RLIMIT_DATA, not RLIMIT_AS: it counts private writable memory (heap,
+            # anonymous mappings) but not address space merely reserved, which JIT
+            # runtimes such as node's V8 reserve by the gigabyte and die without.
+            [(resource.RLIMIT_DATA, n, n)],
+            f"memory limit enforced with RLIMIT_DATA ({where}): it caps each "
+            "process's private writable memory, not the run's total, and shows as "
+            "a failed allocation (RE), not MLE",
         )
     if key == "pids":
         n = limits.pids_max

@@ -190,7 +190,7 @@ def test_unprivileged_user_gets_rlimits_with_warnings(user_caller):
     }
     assert len(out["warnings"]) == 4
     assert done.stderr.count("WARNING ") >= 4
-    assert "RLIMIT_AS" in done.stderr
+    assert "RLIMIT_DATA" in done.stderr
     assert out["cpu"] is None and out["oom"] is False
     message, exit_code = out["refusal"]
     assert exit_code == 125

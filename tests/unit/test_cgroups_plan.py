@@ -208,11 +208,11 @@ def test_user_on_hybrid_host_falls_back_to_rlimits_with_warnings():
         "cpu_time": "supervisor",
     }
     assert plan.rlimits == (
-        (resource.RLIMIT_AS, 64 << 20, 64 << 20),
+        (resource.RLIMIT_DATA, 64 << 20, 64 << 20),
         (resource.RLIMIT_NPROC, 32, 32),
     )
     assert len(plan.warnings) == 4
-    assert "RLIMIT_AS" in plan.warnings[0]
+    assert "RLIMIT_DATA" in plan.warnings[0]
     assert "own user namespace" in plan.warnings[1]
     assert plan.refusal is None
 
