@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sandbox import api, supervisor  # noqa: E402
+from sandbox import api, supervisor
 
 USR_FAMILY = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
