@@ -44,6 +44,8 @@ RUN_LEAF_PREFIX = "sbx-"
 # RLIMIT_NPROC is counted per user namespace from Linux 5.14 (ucounts).
 NPROC_PER_USERNS_KERNEL = (5, 14)
 REMOVE_TIMEOUT_S = 2.0
+# An empty sbx group of a dead supervisor is removed once it is this old.
+STALE_AGE_S = 10.0
 SCOPE_ENV = "SBX_DELEGATED_SCOPE"
 
 MECHANISM_KEYS = ("memory", "pids", "cpus", "cpu_time")
@@ -811,20 +813,42 @@ def _explain_v2_errno(err: int, path: str) -> str:
     return ""
 
 
-def _reap_stale_supervisor_leaves(parent: str) -> None:
+def leaf_name(run_id: str, supervisor_pid: int) -> str:
+    """A run's cgroup is named after its supervisor, so that a later run can tell
+    a group whose supervisor died (SIGKILL: nothing removed it) from a live one."""
+    return f"{RUN_LEAF_PREFIX}{supervisor_pid}-{run_id}"
+
+
+def stale_owner(name: str) -> int | None:
+    """The supervisor pid of an sbx cgroup name ('sbx-sup-PID', 'sbx-PID-ID')."""
+    rest = name[len(RUN_LEAF_PREFIX) :] if name.startswith(RUN_LEAF_PREFIX) else ""
+    rest = rest.removeprefix("sup-")
+    pid = rest.split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _reap_stale_groups(parent: str) -> None:
+    """Remove the empty sbx groups in `parent` whose supervisor is gone.
+
+    Only empty groups can be removed (rmdir fails on a populated one), and only
+    those older than STALE_AGE_S, so that a group of a live supervisor in another
+    pid namespace, empty for the moment between its creation and the join, is safe.
+    """
     try:
         names = os.listdir(parent)
     except OSError:
         return
+    now = time.time()
     for name in names:
-        pid = name[len(SUPERVISOR_LEAF_PREFIX) :]
-        if not name.startswith(SUPERVISOR_LEAF_PREFIX) or not pid.isdigit():
+        pid = stale_owner(name)
+        if pid is None or os.path.exists(f"/proc/{pid}"):
             continue
-        if os.path.exists(f"/proc/{pid}"):
-            continue
+        path = os.path.join(parent, name)
         try:
-            os.rmdir(os.path.join(parent, name))
-            log.debug("removed the stale supervisor leaf %s", name)
+            if now - os.stat(path).st_mtime < STALE_AGE_S:
+                continue
+            os.rmdir(path)
+            log.info("removed %s, left by a supervisor that is gone", path)
         except OSError:
             pass
 
@@ -839,7 +863,7 @@ def _prepare_v2_parent(facts: CgroupFacts, controllers: frozenset) -> str:
     of supervisors that are gone; a systemd scope removes them with itself."""
     base = facts.v2_dir
     assert base is not None
-    _reap_stale_supervisor_leaves(base)
+    _reap_stale_groups(base)
     subtree = os.path.join(base, "cgroup.subtree_control")
     enabled = set(_read(subtree).split())
     if controllers <= enabled:
@@ -876,7 +900,7 @@ def _move_back(base: str, leaf: str) -> None:
 
 def _open_cgroup2(plan: MechanismPlan, facts: CgroupFacts, limits, run_id: str):
     parent = _prepare_v2_parent(facts, plan.controllers)
-    leaf = os.path.join(parent, f"{RUN_LEAF_PREFIX}{run_id}")
+    leaf = os.path.join(parent, leaf_name(run_id, os.getpid()))
     _mkdir(leaf, lambda err: _explain_v2_errno(err, parent))
     no_swap_limit = False
     try:
@@ -915,8 +939,10 @@ def _open_cgroup1(plan: MechanismPlan, facts: CgroupFacts, limits, run_id: str):
     writes = v1_writes(limits, plan.controllers)
     try:
         for controller in sorted(plan.controllers):
-            leaf = os.path.join(facts.v1_dirs[controller], f"{RUN_LEAF_PREFIX}{run_id}")
+            parent = facts.v1_dirs[controller]
+            leaf = os.path.join(parent, leaf_name(run_id, os.getpid()))
             if leaf not in created:
+                _reap_stale_groups(parent)
                 _mkdir(leaf)
                 created.append(leaf)
             dirs[controller] = leaf

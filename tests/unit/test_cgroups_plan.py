@@ -299,3 +299,11 @@ def test_swap_without_memsw_is_warned():
 def test_no_systemd_reexec_twice():
     environ = {cg.SCOPE_ENV: "1", "XDG_RUNTIME_DIR": "/run/user/1000"}
     assert cg.systemd_scope_command(["sbx", "exec", "true"], environ) is None
+
+
+def test_leaf_names_carry_the_supervisor_pid():
+    assert cg.leaf_name("a1b2c3", 4242) == "sbx-4242-a1b2c3"
+    assert cg.stale_owner("sbx-4242-a1b2c3") == 4242
+    assert cg.stale_owner("sbx-sup-77") == 77
+    assert cg.stale_owner("sbx-aef901a660a8") is None  # no pid: never touched
+    assert cg.stale_owner("other-12-x") is None
