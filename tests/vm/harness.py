@@ -1,4 +1,4 @@
-"""A small qemu VM with a pure cgroup v2 kernel, for testing sbx's delegated-cgroup path.
+"""A small qemu VM with a pure cgroup v2 kernel, to test sbx's delegated cgroup path.
 
 Why: this host's cgroup2 tree has no memory, pids or cpu controller (they are bound to
 cgroup v1), so the delegated cgroup v2 limit path cannot be exercised here directly.
@@ -69,6 +69,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def unavailable_reason() -> str | None:
     """None when qemu can run here, else a sentence saying why not and what to do."""
     qemu = shutil.which(QEMU)
     if qemu is None:
-        return f"{QEMU} is not installed: install Debian's qemu-system-x86 (setup.sh does)"
+        return (f"{QEMU} is not installed: install Debian's qemu-system-x86 "
+                "(setup.sh does)")
     try:
         probe = subprocess.run([qemu, "-version"], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -179,8 +181,8 @@ def _kernel_package_name() -> str:
         return name
     cached = sorted(p.name for p in cache_dir().glob("*-amd64") if p.is_dir())
     if cached:
-        log.warning("apt cannot resolve %s; using cached kernel %s", KERNEL_META_PACKAGE,
-                    cached[-1])
+        log.warning("apt cannot resolve %s; using the cached kernel %s",
+                    KERNEL_META_PACKAGE, cached[-1])
         return f"linux-image-{cached[-1]}"
     raise VMError(
         f"cannot find which kernel {KERNEL_META_PACKAGE} depends on "
@@ -226,8 +228,6 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     """The ELF kernel inside a bzImage: find a compressed payload whose contents start
     with the ELF magic (the idea of the kernel tree's scripts/extract-vmlinux). Only
     xz and gzip are tried: Debian's amd64 kernels are xz."""
-    import zlib
-
     for magic, inflate in ((b"\xfd7zXZ\x00", _unxz), (b"\x1f\x8b\x08\x00", _gunzip)):
         start = bzimage.find(magic)
         while start != -1:
@@ -246,8 +246,6 @@ def _unxz(data: bytes) -> bytes:
 
 
 def _gunzip(data: bytes) -> bytes:
-    import zlib
-
     return zlib.decompressobj(wbits=31).decompress(data)
 
 
@@ -261,8 +259,9 @@ def _copy_module_closure(moddir: Path, dest: Path) -> None:
         if name in order:
             return
         if name not in by_name:
-            raise VMError(f"kernel module {name} (needed by {' <- '.join(path)}) is not "
-                          f"in {moddir}; is it built in or renamed in this kernel?")
+            chain = " <- ".join(path)
+            raise VMError(f"kernel module {name} (needed by {chain}) is not in "
+                          f"{moddir}; is it built in or renamed in this kernel?")
         for dep in modinfo_depends(by_name[name].read_bytes()):
             visit(dep, (dep, *path))
         order.append(name)
@@ -368,8 +367,8 @@ def _write_initramfs(kdir: Path, dest: Path) -> None:
 def newc_archive(entries: list[tuple[str, int, bytes, int]]) -> bytes:
     """A cpio archive in the kernel's `newc` format, owned by root, mtime 0."""
     out = bytearray()
-    for inode, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)],
-                                                     start=1):
+    trailer = ("TRAILER!!!", 0, b"", 0)
+    for inode, (name, mode, data, rdev) in enumerate([*entries, trailer], start=1):
         encoded = name.encode() + b"\x00"
         fields = (inode, mode, 0, 0, 1, 0, len(data), 0, 0, os.major(rdev),
                   os.minor(rdev), len(encoded), 0)
@@ -482,7 +481,8 @@ controllers="+memory +pids +cpu"
 scope={scope}
 dir=/sys/fs/cgroup
 for part in $(echo "${{scope#/sys/fs/cgroup/}}" | tr / ' '); do
-    echo "$controllers" > $dir/cgroup.subtree_control || fail "enable controllers in $dir"
+    echo "$controllers" > $dir/cgroup.subtree_control \
+        || fail "enable controllers in $dir"
     dir=$dir/$part
     mkdir $dir || fail "mkdir $dir"
 done
