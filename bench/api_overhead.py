@@ -14,7 +14,8 @@ each alike:
 The API's overhead is its time minus bare; item 1 holds when it is at most bwrap's
 per-run time. Reported: the median of each round, and the spread over rounds.
 
---cprofile N profiles N runs through the API and prints where the time goes per run.
+--cprofile N profiles N runs through the API and prints where the time goes per run;
+--phases N times each step of N runs as the supervisor sees it (children included).
 """
 
 from __future__ import annotations
@@ -147,15 +148,89 @@ def profile_runs(count: int) -> None:
         )
 
 
+def phase_breakdown(count: int) -> None:
+    """Where an API run's wall time goes, step by step, seen from the supervisor:
+    its own steps are timed by wrapping them; a wait on the sandbox ("U": stage 1
+    has unshared; "P": stage 2 forked; watch: the root built, the payload run and
+    reaped) is the children's time."""
+    from collections import defaultdict
+
+    from sandbox.kernel import cgroups
+
+    totals: dict[str, float] = defaultdict(float)
+
+    def timed(module, name: str, label) -> None:
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                key = label(*args) if callable(label) else label
+                totals[key] += time.perf_counter() - started
+
+        setattr(module, name, wrapper)
+
+    timed(api, "plan_for", "plan_for (profile, options)")
+    timed(cgroups, "open_run_cgroup", "cgroup: create and configure")
+    timed(supervisor, "_prepare", "seccomp filter + rlimits")
+    timed(supervisor, "_open_channels", "pipes and fds")
+    timed(supervisor, "_expect", lambda r, kind: f"wait for the sandbox: {kind}")
+    timed(supervisor, "_write_id_maps", "write id maps")
+    timed(supervisor, "_watch", "watch: root, payload, exit")
+    timed(supervisor, "_teardown", "teardown: kill, reap, drain")
+    timed(supervisor, "_report", "report")
+    timed(supervisor, "_close_fds", "close fds")
+    close_time = [0.0]
+    original_open = cgroups.open_run_cgroup
+
+    def open_and_time_close(*args, **kwargs):
+        cgroup = original_open(*args, **kwargs)
+        close = cgroup.close
+
+        def timed_close() -> None:
+            started = time.perf_counter()
+            close()
+            close_time[0] += time.perf_counter() - started
+
+        cgroup.close = timed_close
+        return cgroup
+
+    cgroups.open_run_cgroup = open_and_time_close
+    api.run(["/bin/true"], "strict")
+    totals.clear()
+    close_time[0] = 0.0
+    started = time.perf_counter()
+    for _ in range(count):
+        api.run(["/bin/true"], "strict")
+    wall = time.perf_counter() - started
+    totals["cgroup: remove"] = close_time[0]
+    print(f"\nsteps of an API run, mean of {count} (ms per run):")
+    for label, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"  {seconds / count * 1000:7.2f}  {label}")
+    rest = wall - sum(totals.values())
+    print(f"  {rest / count * 1000:7.2f}  everything else")
+    print(f"  {wall / count * 1000:7.2f}  in all")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="runs per tool per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    parser.add_argument("--phases", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--skip-peers", action="store_true", help="only --cprofile/--phases"
+    )
     args = parser.parse_args()
-    holds = report(measure(args.runs, args.rounds))
+    holds = True
+    if not args.skip_peers:
+        holds = report(measure(args.runs, args.rounds))
     if args.cprofile:
         profile_runs(args.cprofile)
+    if args.phases:
+        phase_breakdown(args.phases)
     return 0 if holds else 1
 
 
