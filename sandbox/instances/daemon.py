@@ -180,7 +180,10 @@ def finish(name: str, run_id: str, outcome: dict) -> None:
             if state["state"] != "running" or run.get("id") != run_id:
                 log.info("instance %s changed meanwhile; its end is not recorded", name)
                 return
-            if run.get("stop_requested_at") and outcome["verdict"] != "IE":
+            if run.get("killed_at") and outcome["exit_code"] is None:
+                outcome["signal"] = outcome["signal"] or "SIGKILL"
+                outcome["why"] = "killed by `sbx stop` after its grace period"
+            elif run.get("stop_requested_at") and outcome["verdict"] != "IE":
                 outcome["why"] = f"stopped by `sbx stop` ({outcome['why']})"
             state["state"] = "exited"
             state["exit"] = outcome

@@ -195,6 +195,7 @@ def stop(name: str, grace_s: float = STOP_GRACE_S) -> dict | None:
         log.info("instance %s: SIGTERM sent; waiting up to %.1f s", name, grace_s)
         if not _wait_fd(supervisor_fd, grace_s):
             log.info("instance %s: still running after %.1f s: SIGKILL", name, grace_s)
+            _note_kill(name, run["id"])
             _kill_init(run)
             if not _wait_fd(supervisor_fd, KILL_WAIT_S):
                 signal.pidfd_send_signal(supervisor_fd, signal.SIGKILL)
@@ -202,6 +203,15 @@ def stop(name: str, grace_s: float = STOP_GRACE_S) -> dict | None:
     finally:
         os.close(supervisor_fd)
     return _after_stop(name, run["id"])
+
+
+def _note_kill(name: str, run_id: str) -> None:
+    """Record that the grace period ran out, for the supervisor to report why."""
+    with store.locked(name):
+        state = store.load(name)
+        if state["state"] == "running" and state["run"]["id"] == run_id:
+            state["run"]["killed_at"] = time.time()
+            store.save(name, state)
 
 
 def _after_stop(name: str, run_id: str) -> dict | None:
