@@ -254,7 +254,9 @@ def parse_policy(doc: object, path: str) -> Policy:
     syscalls = doc.get("syscalls") or []
     if not isinstance(syscalls, list):
         check.fail("syscalls", "must be a list of rules")
-    rules = tuple(check.rule(entry, f"syscalls[{i}]") for i, entry in enumerate(syscalls))
+    rules = tuple(
+        check.rule(entry, f"syscalls[{i}]") for i, entry in enumerate(syscalls)
+    )
     return Policy(
         path=path,
         default_action=default_action,
@@ -333,7 +335,8 @@ class _Checker:
             if value == "SCMP_ACT_NOTIFY":
                 self.fail(field, f"{shown} is not supported: sbx's supervisor is the "
                           "only listener; use SCMP_ACT_KILL_PROCESS or SCMP_ACT_ERRNO")
-            self.fail(field, f"{shown} is not an action; allowed: " + ", ".join(ACTIONS))
+            self.fail(field, f"{shown} is not an action; allowed: "
+                      + ", ".join(ACTIONS))
         return value
 
     def errno_ret(self, value: object, field: str) -> int | None:
@@ -401,7 +404,8 @@ class _Checker:
                 self.fail(f"{field}.names[{i}]", f"{json.dumps(name)} is not a "
                           "syscall name (lower-case letters, digits, _)")
         if "action" not in entry:
-            self.fail(f"{field}.action", "is required; use one of " + ", ".join(ACTIONS))
+            self.fail(f"{field}.action", "is required; use one of "
+                      + ", ".join(ACTIONS))
         action = self.action(entry["action"], f"{field}.action")
         errno_ret = self.errno_ret(entry.get("errnoRet"), f"{field}.errnoRet")
         if errno_ret is not None and action not in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):

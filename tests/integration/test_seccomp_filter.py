@@ -84,7 +84,8 @@ def test_without_notify_a_violation_is_sigsys(tmp_path):
     """The fallback for kernels without user notification (or a listener already in
     the filter stack): the same program, with notify returns rewritten to
     kill-process, dies of SIGSYS."""
-    f = seccomp.without_notify(seccomp.prepare(str(REPO / "profiles/seccomp/strict.json")))
+    strict = str(REPO / "profiles" / "seccomp" / "strict.json")
+    f = seccomp.without_notify(seccomp.prepare(strict))
     assert not f.notify
     pid = os.fork()
     if pid == 0:
