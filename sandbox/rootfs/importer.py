@@ -71,9 +71,17 @@ class LayerRef:
 
 
 def import_image(
-    source: str, name: str, *, replace: bool = False, store: Store | None = None
+    source: str,
+    name: str,
+    *,
+    replace: bool = False,
+    max_size_bytes: int | None = None,
+    store: Store | None = None,
 ) -> Image:
     """Import `source` as image `name` and return it.
+
+    `max_size_bytes` caps the file content unpacked (each archive counted on its
+    own), so a decompression bomb fails cleanly instead of filling the disk.
 
     UsageError (ImportRefused for an unsafe entry) when the source is missing, not a
     format sbx reads, damaged, or holds something sbx refuses; SandboxError when the
@@ -92,7 +100,7 @@ def import_image(
     work = store.new_work_dir()
     log.info("importing %s as image %s", path, name)
     try:
-        image, layer_dir = _build(path, name, work)
+        image, layer_dir = _build(path, name, work, max_size_bytes)
         store.commit(image, {image.layers[0]: layer_dir}, replace)
         return image
     except UnsafeEntry as exc:
@@ -133,7 +141,9 @@ def _check_source(source: str, store: Store) -> Path:
 # --- building the merged tree ------------------------------------------------------
 
 
-def _build(path: Path, name: str, work: Path) -> tuple[Image, Path]:
+def _build(
+    path: Path, name: str, work: Path, max_bytes: int | None
+) -> tuple[Image, Path]:
     """Build the image's tree in `work` and describe it. Returns the image and the
     directory holding its (single, merged) layer."""
     unpacked = None
@@ -142,7 +152,8 @@ def _build(path: Path, name: str, work: Path) -> tuple[Image, Path]:
     else:
         layout = work / "unpacked"
         layout.mkdir()
-        unpacked = _write_tree(layout, tar_entries(str(path), repr(str(path))))
+        entries = tar_entries(str(path), repr(str(path)))
+        unpacked = _write_tree(layout, entries, max_bytes)
 
     layer_dir = work / "layer"
     layers = _layout_layers(layout)
@@ -150,11 +161,12 @@ def _build(path: Path, name: str, work: Path) -> tuple[Image, Path]:
     if layers is not None:
         source_format, refs = layers
         layer_dir.mkdir()
-        summary, notes = _apply_layers(layer_dir, refs)
+        summary, notes = _apply_layers(layer_dir, refs, max_bytes)
     elif unpacked is None:
         source_format = "directory"
         layer_dir.mkdir()
-        summary, notes = _write_tree(layer_dir, directory_entries(str(path)))
+        entries = directory_entries(str(path))
+        summary, notes = _write_tree(layer_dir, entries, max_bytes)
     else:
         # A plain root filesystem tarball: what was unpacked is the layer.
         source_format = "tar"
@@ -174,8 +186,8 @@ def _build(path: Path, name: str, work: Path) -> tuple[Image, Path]:
     return image, layer_dir
 
 
-def _write_tree(root: Path, entries: EntryStream):
-    writer = TreeWriter(str(root))
+def _write_tree(root: Path, entries: EntryStream, max_bytes: int | None):
+    writer = TreeWriter(str(root), max_bytes=max_bytes)
     try:
         writer.apply_all(entries)
         summary = writer.summary()
@@ -185,8 +197,8 @@ def _write_tree(root: Path, entries: EntryStream):
     return summary, writer.stats.notes
 
 
-def _apply_layers(root: Path, refs: list[LayerRef]):
-    writer = TreeWriter(str(root), layer_mode=True)
+def _apply_layers(root: Path, refs: list[LayerRef], max_bytes: int | None):
+    writer = TreeWriter(str(root), layer_mode=True, max_bytes=max_bytes)
     try:
         for ref in refs:
             _verify_blob(ref)

@@ -47,6 +47,7 @@ from .archive import (
     HARDLINK,
     READ_CHUNK_BYTES,
     SYMLINK,
+    ArchiveError,
     Entry,
     EntryStream,
     Opener,
@@ -104,9 +105,15 @@ class TreeStats:
 class TreeWriter:
     """Applies entries to the directory `root` (which must exist and be empty)."""
 
-    def __init__(self, root: str, layer_mode: bool = False) -> None:
+    def __init__(
+        self, root: str, layer_mode: bool = False, max_bytes: int | None = None
+    ) -> None:
         self.root = root
         self.layer_mode = layer_mode
+        # File content written so far, against max_bytes (a decompression bomb stops
+        # here instead of filling the disk).
+        self.max_bytes = max_bytes
+        self.written_bytes = 0
         self.stats = TreeStats()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         # The root gets a fixed mode and time unless the source names it ("./").
@@ -208,7 +215,7 @@ class TreeWriter:
             if opener is not None:
                 source = opener()
                 try:
-                    _copy(source, fd, digest)
+                    self._copy(source, fd, digest)
                 finally:
                     source.close()
             os.fchmod(fd, self._safe_mode(entry))
@@ -372,6 +379,18 @@ class TreeWriter:
             for key in [k for k in table if k[:depth] == parts]:
                 del table[key]
 
+    def _copy(self, source, fd: int, digest) -> None:
+        while chunk := source.read(READ_CHUNK_BYTES):
+            self.written_bytes += len(chunk)
+            if self.max_bytes is not None and self.written_bytes > self.max_bytes:
+                raise ArchiveError(
+                    f"it unpacks to more than the limit of {self.max_bytes} bytes"
+                )
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+
     def _set_time(self, parent_fd: int, name: str, mtime_s: float) -> None:
         os.utime(name, (mtime_s, mtime_s), dir_fd=parent_fd, follow_symlinks=False)
 
@@ -381,14 +400,6 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-
-
-def _copy(source, fd: int, digest) -> None:
-    while chunk := source.read(READ_CHUNK_BYTES):
-        digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
 
 
 # --- digests ---------------------------------------------------------------------

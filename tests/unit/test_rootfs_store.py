@@ -3,8 +3,11 @@ verification. (Files only; the kernel side is in tests/integration.)"""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
+import tarfile
 
 import pytest
 
@@ -86,3 +89,17 @@ def test_a_failed_import_leaves_no_trace(store, tmp_path):
         rootfs.import_image(str(bad), "bad", store=store)
     assert rootfs.list_images(store) == []
     assert os.listdir(store.tmp) == [] and os.listdir(store.layers) == []
+
+
+def test_a_size_limit_stops_a_decompression_bomb(store, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("zeros")
+        info.size = 64 << 20
+        archive.addfile(info, io.BytesIO(bytes(info.size)))
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(gzip.compress(buffer.getvalue()))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(UsageError, match="more than the limit of 1048576 bytes"):
+        rootfs.import_image(str(bomb), "bomb", max_size_bytes=1 << 20, store=store)
+    assert rootfs.list_images(store) == [] and os.listdir(store.tmp) == []
