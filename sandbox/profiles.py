@@ -24,7 +24,6 @@ from __future__ import annotations
 import marshal
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from .errors import UsageError
 from .units import parse_count, parse_seconds, parse_size
@@ -100,35 +99,38 @@ LIMIT_FIELDS: dict[str, Callable] = {
 }
 
 
-def profiles_dir() -> Path:
+def profiles_dir() -> str:
     """Where the named profiles live: $SBX_PROFILES_DIR, the checkout's profiles/,
-    or the installed share/sbx/profiles."""
+    or the installed share/sbx/profiles. (os.path, not pathlib: this is on the path
+    of every `sbx exec`, and importing pathlib costs more than the lookup.)"""
     env = os.environ.get("SBX_PROFILES_DIR")
     if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent.parent / "profiles"
-    if here.is_dir():
+        return env
+    package = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.join(os.path.dirname(package), "profiles")
+    if os.path.isdir(here):
         return here
     import sys
 
-    return Path(sys.prefix) / "share" / "sbx" / "profiles"
+    return os.path.join(sys.prefix, "share", "sbx", "profiles")
 
 
 def list_profiles() -> list[str]:
-    return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+    names = os.listdir(profiles_dir()) if os.path.isdir(profiles_dir()) else []
+    return sorted(n[: -len(".toml")] for n in names if n.endswith(".toml"))
 
 
-def find(name_or_path: str) -> Path:
+def find(name_or_path: str) -> str:
     if "/" in name_or_path or name_or_path.endswith(".toml"):
-        path = Path(name_or_path)
+        path = name_or_path
     else:
-        path = profiles_dir() / f"{name_or_path}.toml"
-    if not path.is_file():
+        path = os.path.join(profiles_dir(), f"{name_or_path}.toml")
+    if not os.path.isfile(path):
         known = ", ".join(list_profiles()) or "none"
         raise UsageError(
             f"no profile {name_or_path!r}: give a file path or one of: {known}"
         )
-    return path.resolve()
+    return os.path.realpath(path)
 
 
 def _unknown(source: str, field: str, allowed: list[str]) -> UsageError:
@@ -161,7 +163,7 @@ def validate(raw: dict, source: str) -> dict:
     return out
 
 
-def _read_toml(path: Path) -> dict:
+def _read_toml(path: str) -> dict:
     import tomllib
 
     try:
@@ -173,23 +175,26 @@ def _read_toml(path: Path) -> dict:
         raise UsageError(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _load_chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
+def _load_chain(path: str, seen: tuple = ()) -> list[tuple[str, dict]]:
     if path in seen:
         raise UsageError(f"{path}: extends itself through {' -> '.join(map(str, seen))}")
-    data = validate(_read_toml(path), str(path))
+    data = validate(_read_toml(path), path)
+    here = os.path.dirname(path)
     if "seccomp" in data and not data["seccomp"].startswith("/"):
-        data["seccomp"] = str((path.parent / data["seccomp"]).resolve())
+        data["seccomp"] = os.path.realpath(os.path.join(here, data["seccomp"]))
     chain = [(path, data)]
     if "extends" in data:
         parent = data["extends"]
         parent_path = (
-            (path.parent / parent).resolve() if parent.endswith(".toml") else find(parent)
+            os.path.realpath(os.path.join(here, parent))
+            if parent.endswith(".toml")
+            else find(parent)
         )
         chain = _load_chain(parent_path, (*seen, path)) + chain
     return chain
 
 
-def _merge(chain: list[tuple[Path, dict]]) -> dict:
+def _merge(chain: list[tuple[str, dict]]) -> dict:
     merged: dict = {"limits": {}, "env": {}}
     for _, data in chain:
         for key, value in data.items():
@@ -197,7 +202,7 @@ def _merge(chain: list[tuple[Path, dict]]) -> dict:
                 merged[key].update(value)
             elif key != "extends":
                 merged[key] = value
-    merged["files"] = [str(p) for p, _ in chain]
+    merged["files"] = [p for p, _ in chain]
     return merged
 
 
@@ -209,17 +214,17 @@ def resolve(name_or_path: str) -> dict:
     if cached is not None:
         return cached
     profile = _merge(_load_chain(path))
-    profile["name"] = path.stem
+    profile["name"] = os.path.basename(path).removesuffix(".toml")
     _write_cache(cache, profile)
     return profile
 
 
-def _cache_path(path: Path) -> Path:
+def _cache_path(path: str) -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache"
     )
-    key = str(path).replace("/", "%")
-    return Path(base) / "sbx" / "profiles" / f"{key}.v{FORMAT_VERSION}.marshal"
+    key = path.replace("/", "%")
+    return os.path.join(base, "sbx", "profiles", f"{key}.v{FORMAT_VERSION}.marshal")
 
 
 def _stamp(files: list[str]) -> list:
@@ -230,7 +235,7 @@ def _stamp(files: list[str]) -> list:
     return stamps
 
 
-def _read_cache(cache: Path) -> dict | None:
+def _read_cache(cache: str) -> dict | None:
     try:
         with open(cache, "rb") as f:
             stamps, profile = marshal.load(f)
@@ -241,10 +246,10 @@ def _read_cache(cache: Path) -> dict | None:
     return None
 
 
-def _write_cache(cache: Path, profile: dict) -> None:
+def _write_cache(cache: str, profile: dict) -> None:
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             marshal.dump((_stamp(profile["files"]), profile), f)
         os.replace(tmp, cache)

@@ -16,10 +16,8 @@ import resource
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -112,7 +110,7 @@ def run(plan: Plan, on_start: Callable[[int, object], None] | None = None) -> re
     from .kernel import cgroups
 
     _become_subreaper()
-    cgroup = cgroups.open_run_cgroup(plan.limits, uuid.uuid4().hex[:12], plan.require_cgroup)
+    cgroup = cgroups.open_run_cgroup(plan.limits, os.urandom(6).hex(), plan.require_cgroup)
     r = Run(plan, cgroup, _prepare(plan, cgroup))
     try:
         _start(r)
@@ -301,6 +299,8 @@ def _write_id_maps(plan: Plan, pid: int) -> None:
     ID mappings"). An unprivileged writer must first deny setgroups for gid_map."""
     ids = plan.ids
     if ids.use_helpers:
+        import subprocess
+
         for tool, maps in (("newuidmap", ids.uid_map), ("newgidmap", ids.gid_map)):
             args = [str(n) for m in maps for n in (m.inside, m.outside, m.count)]
             done = subprocess.run([tool, str(pid), *args], capture_output=True, text=True)
