@@ -241,10 +241,10 @@ def test_exec_strict_runs_node_and_a_gcc_built_program(caller, tmp_path):
     source.write_text(HELLO_C)
     os.chown(source, caller.uid, caller.gid)
     try:
-        # --memory: where the memory limit falls back to RLIMIT_AS (the test user on
-        # this host), V8 cannot reserve its code range under strict's 512M; that is
-        # the rlimit fallback's known limitation, not seccomp's, and not tested here.
-        node = sbx_json(caller, ["--profile", "strict", "--memory", "4G", "--",
+        # With strict's own limits: where memory falls back to an rlimit (the test
+        # user on this host), it is RLIMIT_DATA, which V8's address-space
+        # reservations do not count against.
+        node = sbx_json(caller, ["--profile", "strict", "--",
                                  "/usr/bin/node", "-e", "console.log(1+1)"])
         c = sbx_json(caller, ["--profile", "strict", "--stdin", str(source), "--",
                               "/bin/sh", "-c",
