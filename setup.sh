@@ -14,10 +14,11 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # python3-venv: Debian's /usr/bin/python3 is the one interpreter every user can run.
 # libseccomp2: loaded by pyseccomp. gcc/libc6-dev: test probes and C payloads.
-# bubblewrap/hyperfine: peers and timing in bench/. qemu/busybox/cpio/kmod: the
-# cgroup v2 VM tests. debootstrap/xz-utils: root filesystem recipes.
+# uidmap: newuidmap/newgidmap for subordinate ids. bubblewrap/hyperfine: peers and
+# timing in bench/. qemu/busybox/cpio/kmod: the cgroup v2 VM tests.
+# debootstrap/xz-utils: root filesystem recipes.
 apt-get install -y -q --no-install-recommends \
-    python3 python3-venv libseccomp2 gcc libc6-dev util-linux iproute2 procps \
+    python3 python3-venv libseccomp2 gcc libc6-dev util-linux uidmap iproute2 procps \
     passwd bubblewrap hyperfine qemu-system-x86 busybox-static cpio kmod \
     debootstrap xz-utils gzip tar ca-certificates
 command -v node >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends nodejs

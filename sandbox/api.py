@@ -35,7 +35,7 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
     execopts.check_paths(parsed)
     resolved = profiles.resolve(profile or "default")
     caller = (os.getuid(), os.getgid())
-    subids = hostinfo.subordinate_ids(*caller)
+    subids = _subids(caller, parsed.get("idmap") or "auto")
     lowerdirs = None
     rootfs = parsed.get("rootfs") or resolved.get("rootfs", "host")
     if rootfs != "host":
@@ -44,6 +44,20 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
         lowerdirs = images.image_lowerdirs(rootfs)
     layout = hostinfo.host_layout()
     return make_plan(resolved, parsed, argv, caller, layout, subids, lowerdirs)
+
+
+def _subids(caller: tuple[int, int], idmap: str) -> tuple | None:
+    if idmap not in ("auto", "self", "subids"):
+        raise UsageError(f"bad --idmap {idmap!r}: use auto, self or subids")
+    if idmap == "self":
+        return None
+    subids = hostinfo.subordinate_ids(*caller)
+    if subids is None and idmap == "subids":
+        raise UsageError(
+            "--idmap subids: you have no subordinate id range in /etc/subuid and "
+            "/etc/subgid, or newuidmap/newgidmap are not installed (package uidmap)"
+        )
+    return subids
 
 
 def run(argv: list[str], profile: str | None = None, **options) -> Result:

@@ -95,6 +95,8 @@ def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgrou
         _await(fds, b"M")
         if switch_to is None:
             places = mounts.prepare_transfers(plan.caller_paths)
+        if plan.ids.init_is_root:
+            _become_inside_root(supervisor_pid)
         socket.sethostname(plan.hostname)
         net.loopback_up()
         init_pid = os.fork()
@@ -104,6 +106,19 @@ def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgrou
         os._exit(0)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor
         _fail(fds, e)
+
+
+def _become_inside_root(supervisor_pid: int) -> None:
+    """With a subordinate range mapped, sbx's own processes take root inside (the
+    range's first id on the host) once the caller's paths are bound: the payload,
+    which runs as the caller, then cannot signal or trace them."""
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    libc.prctl(libc.PR_SET_DUMPABLE, 1)
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor_pid:
+        os._exit(1)
 
 
 def _leave_root(plan: Plan, switch_to: tuple[int, int]) -> dict[str, str]:
@@ -191,10 +206,11 @@ def stage3(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
             f.write("1000")
         _set_stdio(fds)
         _set_rlimits(prep)
+        libc.drop_bounding_set()
         _set_ids(plan)
         os.chdir(plan.cwd)
         _close_other_fds(fds)
-        libc.drop_all_capabilities()
+        libc.clear_capabilities()
         libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
         _install_seccomp(prep, fds)
         _exec(plan, fds)

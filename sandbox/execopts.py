@@ -54,6 +54,9 @@ OPTIONS = (
     Opt("--seccomp", "seccomp", "FILE", "OCI/Docker seccomp JSON policy instead of the profile's"),
     Opt("--rootfs", "rootfs", "NAME", "root filesystem: host (default) or an imported image"),
     Opt("--dir", "dir", "HOSTDIR", "bind HOSTDIR read-write at /box (default: an empty tmpfs)"),
+    Opt("--idmap", "idmap", "auto|self|subids", "subordinate ids for sbx's own "
+        "processes when newuidmap and a range exist (auto), never (self), or required",
+        None),
     Opt("--uid", "uid", "N", "uid of the payload inside (default 1000)", _id),
     Opt("--gid", "gid", "N", "gid of the payload inside (default 1000)", _id),
     Opt("--env", "env", "KEY=VALUE", "add to the payload's clean environment", _env, True),

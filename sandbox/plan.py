@@ -68,6 +68,11 @@ class IdPlan:
         return self.uid_map[0].outside, self.gid_map[0].outside
 
     @property
+    def init_is_root(self) -> bool:
+        """sbx's init runs as root inside (an id of the caller's range on the host)."""
+        return self.use_helpers
+
+    @property
     def uid_map_text(self) -> str:
         return "".join(m.line() for m in self.uid_map)
 
@@ -164,19 +169,22 @@ def plan_ids(
     """Choose the id maps.
 
     Unprivileged, no subordinate range: the single id a user may map, its own
-    (inside `uid` is the caller on the host). Root: the payload must never be host
-    root, so `uid` maps to an unprivileged host id, and sbx's own processes switch to
-    that id before creating the namespace (a root-owned user namespace could not create
-    files with an unmapped fsuid). With subordinate ranges (start, count) for an
-    unprivileged caller, root inside is the caller and `uid` is taken from the range.
+    (inside `uid` is the caller on the host). Unprivileged with subordinate ranges
+    (start, count) and newuidmap: inside `uid` is still the caller (files it writes to
+    --dir stay the caller's), and inside root, which sbx's init and setup run as, is
+    the first id of the range, so the payload and sbx's own processes are different
+    host users. Root: the payload must never be host root, so `uid` maps to an id of
+    root's own range, or nobody; sbx's processes switch to that id before creating
+    the namespace (a root-owned user namespace could not create files with an
+    unmapped fsuid).
     """
-    if caller_uid != 0 and subuid and subgid and uid < subuid[1] and gid < subgid[1]:
+    if caller_uid != 0 and subuid and subgid:
         return IdPlan(
             uid,
             gid,
-            (IdMap(0, caller_uid, 1), IdMap(uid, subuid[0] + uid, 1)),
-            (IdMap(0, caller_gid, 1), IdMap(gid, subgid[0] + gid, 1)),
-            use_helpers=caller_uid != 0,
+            (IdMap(0, subuid[0], 1), IdMap(uid, caller_uid, 1)),
+            (IdMap(0, subgid[0], 1), IdMap(gid, caller_gid, 1)),
+            use_helpers=True,
         )
     host_uid, host_gid = caller_uid, caller_gid
     if caller_uid == 0:

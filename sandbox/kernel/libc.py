@@ -124,9 +124,20 @@ def last_cap() -> int:
 
 def drop_all_capabilities() -> None:
     """Empty the bounding and ambient sets, then effective, permitted, inheritable."""
+    drop_bounding_set()
+    clear_capabilities()
+
+
+def drop_bounding_set() -> None:
+    """Empty the bounding and ambient sets (needs CAP_SETPCAP: do it before giving up
+    root, which clears the effective set)."""
     for cap in range(last_cap() + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (always allowed)."""
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     result = _libc.syscall(_SYSCALLS["capset"], ctypes.byref(header), ctypes.byref(data))

@@ -19,7 +19,12 @@ from sandbox.units import parse_count, parse_seconds, parse_size
 
 # A merged-/usr host such as Debian 12.
 MERGED = HostLayout(
-    symlinks={"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"},
+    symlinks={
+        "bin": "usr/bin",
+        "sbin": "usr/sbin",
+        "lib": "usr/lib",
+        "lib64": "usr/lib64",
+    },
     dirs=frozenset({"usr"}),
     etc=frozenset({"ld.so.cache", "nsswitch.conf", "ssl", "python3.11"}),
 )
@@ -31,7 +36,7 @@ SPLIT = HostLayout(
 )
 
 
-# --- id maps -------------------------------------------------------------------------
+# --- id maps
 
 
 def test_unprivileged_caller_maps_payload_uid_to_itself():
@@ -69,18 +74,22 @@ def test_chosen_ids_inside():
 
 
 def test_subordinate_range_for_unprivileged_caller_uses_helpers():
+    # Inside root (sbx's own processes) comes from the range; the payload stays the
+    # caller, so what it writes to --dir is the caller's.
     ids = plan_ids(1001, 1001, subuid=(100000, 65536), subgid=(200000, 65536))
-    assert ids.uid_map_text == "0 1001 1\n1000 101000 1\n"
-    assert ids.gid_map_text == "0 1001 1\n1000 201000 1\n"
-    assert ids.use_helpers is True and ids.switch_to is None
+    assert ids.uid_map_text == "0 100000 1\n1000 1001 1\n"
+    assert ids.gid_map_text == "0 200000 1\n1000 1001 1\n"
+    assert ids.use_helpers is True and ids.switch_to is None and ids.init_is_root
 
 
-def test_subordinate_range_too_small_falls_back_to_single_id():
-    ids = plan_ids(1001, 1001, subuid=(100000, 10), subgid=(100000, 10))
-    assert ids.uid_map_text == "1000 1001 1\n" and ids.use_helpers is False
+def test_root_caller_with_a_range_runs_the_payload_as_an_id_from_it():
+    ids = plan_ids(0, 0, subuid=(100000, 65536), subgid=(300000, 65536))
+    assert ids.uid_map_text == "1000 101000 1\n"
+    assert ids.gid_map_text == "1000 301000 1\n"
+    assert ids.switch_to == (101000, 301000) and not ids.use_helpers
 
 
-# --- mounts --------------------------------------------------------------------------
+# --- mounts
 
 
 def _steps(mounts) -> list[tuple[str, str]]:
@@ -152,7 +161,10 @@ def test_scratch_tmpfs_sizes_and_owner_come_from_the_plan():
     limits = Limits(tmpfs_size_bytes=8 << 20, tmpfs_inodes=100)
     by_target = {m.target: m for m in host_root_mounts(MERGED, limits, ids, None)}
     for target in ("/tmp", "/box", "/dev/shm"):
-        assert (by_target[target].size_bytes, by_target[target].inodes) == (8 << 20, 100)
+        assert (by_target[target].size_bytes, by_target[target].inodes) == (
+            8 << 20,
+            100,
+        )
     assert by_target["/tmp"].mode == 0o1777
     assert by_target["/box"].owner == (1500, 1600)
 
@@ -178,7 +190,7 @@ def test_make_plan_joins_profile_and_options():
     assert plan.argv == ("true",) and plan.cwd == "/box" and plan.hostname == "sbx"
 
 
-# --- environment ---------------------------------------------------------------------
+# --- environment
 
 
 def test_payload_env_is_exactly_the_clean_set():
@@ -198,12 +210,22 @@ def test_env_option_adds_and_overrides():
     assert env["FOO"] == "bar" and env["PATH"] == "/opt/bin"
 
 
-# --- option parsing ------------------------------------------------------------------
+# --- option parsing
 
 
 def test_parse_splits_options_from_command():
     options, command = execopts.parse(
-        ["--wall", "2", "--time=500ms", "--env", "A=b=c", "--json", "--", "ls", "--wall"]
+        [
+            "--wall",
+            "2",
+            "--time=500ms",
+            "--env",
+            "A=b=c",
+            "--json",
+            "--",
+            "ls",
+            "--wall",
+        ]
     )
     assert command == ["ls", "--wall"]
     assert options["wall"] == 2.0 and options["time"] == 0.5
@@ -249,7 +271,7 @@ def test_help_option():
     assert options["help"] is True and command == []
 
 
-# --- sizes and times -----------------------------------------------------------------
+# --- sizes and times
 
 
 @pytest.mark.parametrize(
@@ -275,7 +297,9 @@ def test_parse_size(text, size_bytes):
     assert parse_size(text) == size_bytes
 
 
-@pytest.mark.parametrize("text", ["", "M", "12Q", "-1", "-1M", "nan", "1.2.3M", "ten", -5])
+@pytest.mark.parametrize(
+    "text", ["", "M", "12Q", "-1", "-1M", "nan", "1.2.3M", "ten", -5]
+)
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="bad size|must not be negative"):
         parse_size(text)
@@ -283,14 +307,25 @@ def test_parse_size_rejects(text):
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("1", 1.0), ("2.5", 2.5), ("500ms", 0.5), ("3s", 3.0), ("2m", 120.0),
-     ("1min", 60.0), ("1h", 3600.0), (0.25, 0.25), (2, 2.0)],
-)  # fmt: skip
+    [
+        ("1", 1.0),
+        ("2.5", 2.5),
+        ("500ms", 0.5),
+        ("3s", 3.0),
+        ("2m", 120.0),
+        ("1min", 60.0),
+        ("1h", 3600.0),
+        (0.25, 0.25),
+        (2, 2.0),
+    ],
+)
 def test_parse_seconds(text, seconds):
     assert parse_seconds(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "", "abc", "1d", "inf", "nan", "0ms", 0, -2.0])
+@pytest.mark.parametrize(
+    "text", ["0", "-1", "", "abc", "1d", "inf", "nan", "0ms", 0, -2.0]
+)
 def test_parse_seconds_rejects(text):
     with pytest.raises(UsageError, match="positive number of seconds"):
         parse_seconds(text)
