@@ -65,4 +65,12 @@ def run(argv: list[str], profile: str | None = None, **options) -> Result:
     UsageError and a host that cannot run the sandbox raises SandboxError."""
     from . import supervisor
 
-    return supervisor.run(plan_for(argv, profile, **options))
+    plan = plan_for(argv, profile, **options)
+    if plan.rootfs == "host":
+        return supervisor.run(plan)
+    from . import rootfs as images
+
+    # Hold the image's layers for the run: `sbx rootfs rm` meanwhile removes the
+    # image from the list but keeps its files until the run is over.
+    with images.image_in_use(plan.rootfs):
+        return supervisor.run(plan)
