@@ -55,7 +55,10 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_sigkill_of_the_supervisor_kills_the_instance(sbx):  # noqa: F811
-    sbx.ok("run", "-d", "--name", "victim", "--pids", "16", "--", "python3", "-c", ESCAPER)
+    sbx.ok(
+        "run", "-d", "--name", "victim", "--pids", "16",
+        "--", "python3", "-c", ESCAPER,
+    )  # fmt: skip
     sbx.wait_output("victim", "up")
     daemon_marker = sbx.root / "victim" / "box" / "daemon-up"
     deadline = time.monotonic() + 10

@@ -146,6 +146,10 @@ def _wait_gone(pids: list[int], timeout_s: float = 5) -> list[int]:
     return [pid for pid in pids if _alive(pid)]
 
 
+def _run_pids(state: dict) -> list[int]:
+    return [state["run"]["supervisor"]["pid"], state["run"]["init"]["pid"]]
+
+
 def _cgroup_dirs(state: dict) -> list[str]:
     return list(((state.get("run") or {}).get("cgroup") or {}).get("dirs", {}).values())
 
@@ -161,7 +165,10 @@ def _one_error_line(done: subprocess.CompletedProcess, words: str) -> None:
 
 
 def test_running_instance_shows_in_ps_stats_and_enter(sbx, caller):
-    sbx.ok("run", "-d", "--name", "counter", "--memory", "256M", "--", "python3", "-c", COUNTER)
+    sbx.ok(
+        "run", "-d", "--name", "counter", "--memory", "256M",
+        "--", "python3", "-c", COUNTER,
+    )  # fmt: skip
     sbx.wait_output("counter", "ready")
 
     row = sbx.ps()["counter"]
@@ -192,7 +199,10 @@ def test_running_instance_shows_in_ps_stats_and_enter(sbx, caller):
     assert any("python3 -c" in args for _, args in processes)
     assert str(os.getpid()) not in [pid for pid, _ in processes]
 
-    probe = "id -u; id -g; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; pwd"
+    probe = (
+        "id -u; id -g; "
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; pwd"
+    )
     out = sbx.ok("enter", "counter", "--", "sh", "-c", probe).split("\n")
     assert out[:2] == ["1000", "1000"]
     assert "CapEff:\t0000000000000000" in out and "CapBnd:\t0000000000000000" in out
@@ -212,7 +222,8 @@ def test_entered_command_joins_the_instance_cgroup(sbx, caller):
     dirs = _cgroup_dirs(state)
     if not dirs:
         pytest.skip(f"{caller.name} has no cgroup here: {state['run']['mechanisms']}")
-    entered = sbx.popen("enter", "cg", "--", "sh", "-c", "cat /proc/self/cgroup; sleep 3")
+    shell = "cat /proc/self/cgroup; sleep 3"
+    entered = sbx.popen("enter", "cg", "--", "sh", "-c", shell)
     try:
         deadline = time.monotonic() + 10
         found = {}
@@ -242,7 +253,9 @@ def test_files_persist_across_stop_and_start_and_rm_leaves_nothing(sbx, caller):
         "while :; do sleep 0.05; done"
     )
     sbx.ok("run", "-d", "--name", "keep", "--", "sh", "-c", script)
-    sbx.ok("enter", "keep", "--", "sh", "-c", "echo data > /box/file; mkdir /box/ro; chmod 500 /box/ro")
+    # A read-only directory too: rm must still remove the box.
+    writes = "echo data > /box/file; mkdir /box/ro; chmod 500 /box/ro"
+    sbx.ok("enter", "keep", "--", "sh", "-c", writes)
 
     began = time.monotonic()
     sbx.ok("stop", "--time", "5", "keep")
@@ -253,7 +266,8 @@ def test_files_persist_across_stop_and_start_and_rm_leaves_nothing(sbx, caller):
 
     sbx.ok("start", "keep")
     assert sbx.ok("enter", "keep", "--", "cat", "/box/file") == "data\n"
-    assert sbx.ok("enter", "keep", "--", "cat", "/box/log").split() == ["started", "term", "started"]
+    history = sbx.ok("enter", "keep", "--", "cat", "/box/log").split()
+    assert history == ["started", "term", "started"]
 
     state = sbx.state("keep")
     pids = [state["run"]["supervisor"]["pid"], state["run"]["init"]["pid"]]
@@ -270,7 +284,8 @@ def test_files_persist_across_stop_and_start_and_rm_leaves_nothing(sbx, caller):
 
 
 def test_stop_kills_a_payload_that_ignores_sigterm_after_the_grace_period(sbx, caller):
-    sbx.ok("run", "-d", "--name", "stubborn", "--", "sh", "-c", 'trap "" TERM; echo up; while :; do sleep 0.05; done')
+    script = 'trap "" TERM; echo up; while :; do sleep 0.05; done'
+    sbx.ok("run", "-d", "--name", "stubborn", "--", "sh", "-c", script)
     sbx.wait_output("stubborn", "up")
     state = sbx.state("stubborn")
     began = time.monotonic()
@@ -279,7 +294,7 @@ def test_stop_kills_a_payload_that_ignores_sigterm_after_the_grace_period(sbx, c
     assert 1.0 <= took_s < 4.0, took_s
     row = sbx.ps()["stubborn"]
     assert row["state"] == "exited" and row["signal"] == "SIGKILL", row
-    assert _wait_gone([state["run"]["supervisor"]["pid"], state["run"]["init"]["pid"]]) == []
+    assert _wait_gone(_run_pids(state)) == []
     for directory in _cgroup_dirs(state):
         assert not os.path.exists(directory), directory
     sbx.ok("rm", "stubborn")
@@ -289,13 +304,13 @@ def test_rm_force_kills_a_running_instance_and_removes_its_cgroup(sbx, caller):
     sbx.ok("run", "-d", "--name", "doomed", "--memory", "64M", "--", "sleep", "600")
     state = sbx.state("doomed")
     sbx.ok("rm", "-f", "doomed")
-    assert _wait_gone([state["run"]["supervisor"]["pid"], state["run"]["init"]["pid"]]) == []
+    assert _wait_gone(_run_pids(state)) == []
     assert not (sbx.root / "doomed").exists()
     for directory in _cgroup_dirs(state):
         assert not os.path.exists(directory), directory
 
 
-# --- 4. errors: one clear line, nothing changed ----------------------------------------
+# --- 4. errors: one clear line, nothing changed -------------------------------------
 
 
 def test_errors_are_one_line_and_change_nothing(sbx, caller):
@@ -318,7 +333,8 @@ def test_errors_are_one_line_and_change_nothing(sbx, caller):
     _one_error_line(sbx.run("enter", "e", "--", "true"), "not running")
     assert (sbx.root / "e" / "state.json").read_bytes() == stopped
 
-    for verb in (["start"], ["stop"], ["rm"], ["logs"], ["enter"], ["stats", "--no-stream"]):
+    verbs = (["start"], ["stop"], ["rm"], ["logs"], ["enter"], ["stats", "--no-stream"])
+    for verb in verbs:
         args = [*verb, "nosuch"] + (["--", "true"] if verb == ["enter"] else [])
         _one_error_line(sbx.run(*args), "no instance named 'nosuch'")
     assert sorted(os.listdir(sbx.root)) == ["e", "e.lock"]
@@ -332,7 +348,9 @@ def test_errors_are_one_line_and_change_nothing(sbx, caller):
 
 
 def test_two_commands_at_once_on_one_instance(sbx, caller):
-    creates = [sbx.popen("create", "--name", "race", "--", "sleep", "600") for _ in range(3)]
+    creates = [
+        sbx.popen("create", "--name", "race", "--", "sleep", "600") for _ in range(3)
+    ]
     results = [(p.communicate(timeout=60)[1], p.returncode)[::-1] for p in creates]
     assert sorted(code for code, _ in results) == [0, 1, 1], results
     starts = [sbx.popen("start", "race") for _ in range(3)]
@@ -356,7 +374,10 @@ def test_logs_keep_both_streams_with_a_size_cap(sbx, caller):
         "time.sleep(1)\n"
         "print('line 020000')\n"
     )
-    sbx.ok("run", "-d", "--name", "chatty", "--log-max", "64K", "--", "python3", "-c", script)
+    sbx.ok(
+        "run", "-d", "--name", "chatty", "--log-max", "64K",
+        "--", "python3", "-c", script,
+    )  # fmt: skip
     follow = sbx.popen("logs", "-f", "chatty")
     out, err = follow.communicate(timeout=30)
     assert follow.returncode == 0
@@ -381,7 +402,8 @@ def test_an_instance_from_before_a_reboot_shows_exited(sbx, caller):
     state = json.loads(path.read_text())
     fake = {"pid": os.getpid(), "start_ticks": 1, "boot_id": "not-this-boot"}
     state["state"] = "running"
-    state["run"] = {"id": "x", "started_at": time.time(), "supervisor": fake, "init": fake}
+    run = {"id": "x", "started_at": time.time(), "supervisor": fake, "init": fake}
+    state["run"] = run
     path.write_text(json.dumps(state))
     row = sbx.ps()["old"]
     assert row["state"] == "exited" and row["reason"] == "reboot", row
@@ -393,7 +415,8 @@ def test_an_instance_from_before_a_reboot_shows_exited(sbx, caller):
 
 
 def test_run_without_detach_follows_and_returns_the_exit_status(sbx, caller):
-    done = sbx.run("run", "--name", "once", "--", "sh", "-c", "echo hello; echo oops >&2; exit 3")
+    script = "echo hello; echo oops >&2; exit 3"
+    done = sbx.run("run", "--name", "once", "--", "sh", "-c", script)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "hello\n" and done.stderr == "oops\n"
     sbx.ok("rm", "once")
