@@ -59,7 +59,9 @@ def program(test_task: dict, solution_task: dict | None = None) -> str:
     )
 
 
-def write_programs(tasks: list[dict], directory: Path, mismatched: bool = False) -> list[Path]:
+def write_programs(
+    tasks: list[dict], directory: Path, mismatched: bool = False
+) -> list[Path]:
     """One file per task, readable by every user. mismatched: task i's test with task
     i+1's solution."""
     paths = []
@@ -75,8 +77,17 @@ def write_programs(tasks: list[dict], directory: Path, mismatched: bool = False)
 
 def sbx_args(path: Path) -> list[str]:
     """The `sbx` arguments that grade one program (fed on stdin, output captured)."""
-    return ["exec", "--json", "--wall", str(RUN_WALL_S), "--stdin", str(path),
-            "--", "python3", "-"]  # fmt: skip
+    return [
+        "exec",
+        "--json",
+        "--wall",
+        str(RUN_WALL_S),
+        "--stdin",
+        str(path),
+        "--",
+        "python3",
+        "-",
+    ]
 
 
 def grade(
@@ -103,7 +114,9 @@ def grade(
 
 
 def _runner(python: str, user: str | None) -> Callable:
-    env = dict(os.environ, PYTHONPATH=str(REPO), SBX_PROFILES_DIR=str(REPO / "profiles"))
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), SBX_PROFILES_DIR=str(REPO / "profiles")
+    )
     prefix = [python, "-m", "sandbox"]
     if user is not None:
         drop = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
@@ -111,7 +124,12 @@ def _runner(python: str, user: str | None) -> Callable:
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [*prefix, *args], env=env, cwd="/", capture_output=True, text=True, timeout=120
+            [*prefix, *args],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     return run
@@ -120,11 +138,19 @@ def _runner(python: str, user: str | None) -> Callable:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--limit", type=int, default=164, help="grade the first N tasks")
-    parser.add_argument("--mismatched", action="store_true",
-                        help="pair each test with the next task's solution")  # fmt: skip
-    parser.add_argument("--user", default="sbxtest" if os.geteuid() == 0 else None,
-                        help="grade as this user (default when root: sbxtest)")  # fmt: skip
+    parser.add_argument(
+        "--limit", type=int, default=164, help="grade the first N tasks"
+    )
+    parser.add_argument(
+        "--mismatched",
+        action="store_true",
+        help="pair each test with the next task's solution",
+    )
+    parser.add_argument(
+        "--user",
+        default="sbxtest" if os.geteuid() == 0 else None,
+        help="grade as this user (default when root: sbxtest)",
+    )
     options = parser.parse_args()
 
     tasks = load_tasks()[: options.limit]
@@ -135,9 +161,11 @@ def main() -> int:
         results = grade(paths, _runner(sys.executable, options.user), options.workers)
         elapsed_s = time.perf_counter() - started
     verdicts = Counter(r["verdict"] for r in results)
-    print(f"{len(results)} programs, {options.workers} at a time, as "
-          f"{options.user or 'the current user'}: {elapsed_s:.1f} s, "
-          f"{len(results) / elapsed_s:.1f} programs/s")  # fmt: skip
+    print(
+        f"{len(results)} programs, {options.workers} at a time, as "
+        f"{options.user or 'the current user'}: {elapsed_s:.1f} s, "
+        f"{len(results) / elapsed_s:.1f} programs/s"
+    )
     print("verdicts:", dict(sorted(verdicts.items())))
     return 0
 

@@ -23,7 +23,7 @@ import pytest
 # argv: TOKEN SLEEP_SECONDS. The daemon tells the main process over a pipe that it
 # is in place (new session, reparented) before the main process exits.
 DAEMONIZE = """
-import os, sys, time
+import os, signal, sys, time
 token, sleep_s = sys.argv[1], float(sys.argv[2])
 ready_r, ready_w = os.pipe()
 if os.fork() == 0:
@@ -32,10 +32,8 @@ if os.fork() == 0:
         os._exit(0)
     if os.fork() != 0:
         os._exit(0)
-    signal_names = ("SIGHUP", "SIGTERM", "SIGINT")
-    import signal
-    for name in signal_names:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     os.write(ready_w, str(os.getsid(0)).encode())
     os.close(ready_w)
     time.sleep(sleep_s)
@@ -87,11 +85,9 @@ def box_dir():
 
 def run_daemonizer(caller, box_dir: Path, mark: str, sleep_s: float):
     started = time.monotonic()
-    done = caller.run(
-        ["exec", "--json", "--dir", str(box_dir), "--", "python3", "-c", DAEMONIZE,
-         mark, str(sleep_s)],
-        timeout=60,
-    )  # fmt: skip
+    sbx = ["exec", "--json", "--dir", str(box_dir), "--"]
+    payload = ["python3", "-c", DAEMONIZE, mark, str(sleep_s)]
+    done = caller.run([*sbx, *payload], timeout=60)
     return done, time.monotonic() - started
 
 

@@ -58,7 +58,18 @@ class Server:
 
 def run_client(caller, kind: str, address: str) -> str:
     done = caller.run(
-        ["exec", "--json", "--wall", "20", "--", "python3", "-c", CONNECT, kind, address]
+        [
+            "exec",
+            "--json",
+            "--wall",
+            "20",
+            "--",
+            "python3",
+            "-c",
+            CONNECT,
+            kind,
+            address,
+        ]
     )
     res = json.loads(done.stdout)
     assert res["verdict"] == "OK", res

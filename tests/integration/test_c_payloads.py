@@ -20,7 +20,7 @@ PROGRAMS = {
     "segv": "int main(void) { *(volatile int *)0 = 1; return 0; }\n",
     "hello": (
         "#include <stdio.h>\n#include <unistd.h>\n"
-        "int main(void) { printf(\"hello %d\\n\", (int)getuid()); return 0; }\n"
+        'int main(void) { printf("hello %d\\n", (int)getuid()); return 0; }\n'
     ),
 }
 
@@ -63,7 +63,11 @@ def test_exit_3_is_re_with_exit_code_3(caller, programs):
 )
 def test_fatal_signal_is_re_with_its_name(caller, programs, name, signal_name):
     done, res = run_c(caller, programs, name)
-    assert (res["verdict"], res["signal"], res["exit_code"]) == ("RE", signal_name, None)
+    assert (res["verdict"], res["signal"], res["exit_code"]) == (
+        "RE",
+        signal_name,
+        None,
+    )
     assert done.returncode == 128 + signal.Signals[signal_name].value
 
 

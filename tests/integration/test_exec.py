@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -35,7 +34,7 @@ RESULT_FIELDS = {
 }
 
 
-# --- helpers -------------------------------------------------------------------------
+# --- helpers
 
 
 def sbx_json(caller, options: list[str], *command: str, **kw):
@@ -79,8 +78,10 @@ def status_ids(pid: int) -> tuple[list[int], list[int], int]:
         for line in f:
             key, _, value = line.partition(":")
             fields[key] = value.split()
-    return [int(v) for v in fields["Uid"]], [int(v) for v in fields["Gid"]], int(
-        fields["PPid"][0]
+    return (
+        [int(v) for v in fields["Uid"]],
+        [int(v) for v in fields["Gid"]],
+        int(fields["PPid"][0]),
     )
 
 
@@ -107,7 +108,7 @@ def run_cgroup_dirs(pid: int) -> list[Path]:
     return dirs
 
 
-# --- 1. ids ------------------------------------------------------------------------
+# --- 1. ids
 
 
 def test_payload_ids_are_1000_for_every_caller(caller):
@@ -126,7 +127,7 @@ def test_uid_and_gid_options(caller):
     assert "0" not in groups.strip("[]\n").split(", ")
 
 
-def test_payload_and_init_are_never_host_root(caller, shared_dir):
+def test_payload_and_init_are_never_host_root(caller):
     """Seen from the host: the payload and sbx's init inside run as the caller (or,
     for a root caller, an unprivileged id), never as uid or gid 0."""
     mark = token()
@@ -164,7 +165,7 @@ def test_files_written_to_dir_belong_to_an_unprivileged_host_id(caller, shared_d
         assert (owner.st_uid, owner.st_gid) == (caller.uid, caller.gid)
 
 
-# --- 2. namespaces, hostname, network, processes ------------------------------------
+# --- 2. namespaces, hostname, network, processes
 
 
 def test_every_namespace_is_new(caller):
@@ -220,7 +221,7 @@ child.kill()
     assert int(parent) == 1 and int(me) != 1, "the payload must not be PID 1"
 
 
-# --- 3. filesystem visibility ---------------------------------------------------------
+# --- 3. filesystem visibility
 
 
 def test_callers_home_and_host_tmp_are_not_readable(caller):
@@ -307,7 +308,7 @@ def test_tmp_written_inside_is_gone_after(caller):
     assert not Path("/tmp", mark).exists()
 
 
-# --- process hygiene -------------------------------------------------------------------
+# --- process hygiene
 
 
 def test_process_hygiene(caller):
@@ -367,14 +368,16 @@ def test_environment_is_clean_and_env_adds(caller, monkeypatch):
     assert env["HOME"] == "/box" and env["PATH"].startswith("/usr/local/bin:")
 
 
-# --- --dir ---------------------------------------------------------------------------
+# --- --dir
 
 
 def test_dir_is_bound_read_write_at_box(caller, shared_dir):
     (shared_dir / "input.txt").write_text("from the host\n")
     os.chmod(shared_dir / "input.txt", 0o644)
-    code = "import os; print(os.getcwd(), open('input.txt').read(), end=''); " \
+    code = (
+        "import os; print(os.getcwd(), open('input.txt').read(), end=''); "
         "open('output.txt', 'w').write('from inside\\n')"
+    )
     done, res = py(caller, code, "--dir", str(shared_dir))
     assert res["verdict"] == "OK", res
     assert res["stdout"] == "/box from the host\n"
@@ -388,7 +391,7 @@ def test_box_is_an_empty_writable_tmpfs_without_dir(caller):
     assert res["stdout"] == "/box []\n"
 
 
-# --- stdio -----------------------------------------------------------------------------
+# --- stdio
 
 
 def test_stdio_is_inherited_by_default(caller):
@@ -408,12 +411,18 @@ def test_stdin_stdout_stderr_files(caller, shared_dir):
     done = caller.run(
         [
             "exec",
-            "--stdin", str(stdin),
-            "--stdout", str(out),
-            "--stderr", str(err),
-            "--", "sh", "-c", "wc -l; echo oops >&2; exit 3",
+            "--stdin",
+            str(stdin),
+            "--stdout",
+            str(out),
+            "--stderr",
+            str(err),
+            "--",
+            "sh",
+            "-c",
+            "wc -l; echo oops >&2; exit 3",
         ]
-    )  # fmt: skip
+    )
     assert done.returncode == 3
     assert done.stdout == "" and done.stderr == ""
     assert out.read_text().strip() == "2"
@@ -433,8 +442,13 @@ def test_json_captures_output_and_has_the_result_fields(caller):
     for name, limit in res["limits"].items():
         assert set(limit) == {"value", "mechanism"}, name
         assert limit["mechanism"] in (
-            "cgroup2", "cgroup1", "rlimit", "supervisor", "tmpfs", "none"
-        ), (name, limit)  # fmt: skip
+            "cgroup2",
+            "cgroup1",
+            "rlimit",
+            "supervisor",
+            "tmpfs",
+            "none",
+        ), (name, limit)
 
 
 def test_result_file_holds_the_same_object(caller, shared_dir):
@@ -449,7 +463,7 @@ def test_result_file_holds_the_same_object(caller, shared_dir):
     assert saved["verdict"] == "RE" and saved["exit_code"] == 4
 
 
-# --- exit statuses ---------------------------------------------------------------------
+# --- exit statuses
 
 
 def test_exit_code_is_the_payloads(caller):
@@ -484,7 +498,7 @@ def test_command_not_executable_is_126(caller, command):
 
 
 def test_sbx_failure_is_125_with_an_ie_result(user_caller):
-    """On this host the unprivileged user has no cgroup; --require-cgroup must refuse."""
+    """Here the unprivileged user has no cgroup: --require-cgroup must refuse."""
     done = user_caller.run(["exec", "--json", "--require-cgroup", "--", "true"])
     if done.returncode == 0:
         pytest.skip("this host gives the unprivileged user a cgroup")
@@ -494,7 +508,7 @@ def test_sbx_failure_is_125_with_an_ie_result(user_caller):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("sbx: error: ")
 
 
-# --- bad input -------------------------------------------------------------------------
+# --- bad input
 
 BAD_INPUT = [
     (["--bogus"], "--bogus"),
@@ -517,7 +531,9 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("options", "named"), BAD_INPUT, ids=lambda v: str(v))
-def test_bad_input_is_one_line_exit_2_and_nothing_runs(caller, shared_dir, options, named):
+def test_bad_input_is_one_line_exit_2_and_nothing_runs(
+    caller, shared_dir, options, named
+):
     marker = shared_dir / "ran"
     mark = token()
     done = caller.run(

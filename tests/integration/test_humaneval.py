@@ -49,8 +49,10 @@ def programs_dir():
 
 
 def _summary(results: list[dict]) -> str:
-    bad = [f"{r['program']}: {r['verdict']} {r.get('error') or r.get('stderr', '')[-300:]}"
-           for r in results]  # fmt: skip
+    bad = []
+    for r in results:
+        why = r.get("error") or r.get("stderr", "")[-300:]
+        bad.append(f"{r['program']}: {r['verdict']} {why}")
     return "\n".join(bad[:10])
 
 
@@ -59,7 +61,7 @@ def test_all_164_canonical_solutions_are_ok(user_caller, tasks, programs_dir):
     results = grader.grade(paths, user_caller.run, workers=WORKERS)
     not_ok = [r for r in results if r["verdict"] != "OK" or r["exit_status"] != 0]
     assert len(results) == 164
-    assert not_ok == [] or False, _summary(not_ok)
+    assert not_ok == [], _summary(not_ok)
 
 
 def test_next_tasks_solution_never_passes_a_test(user_caller, tasks, programs_dir):

@@ -100,7 +100,8 @@ def test_cpu_limit_sums_four_spinning_processes(caller):
 
 def test_a_run_under_its_limits_is_ok(caller):
     done, res, elapsed_s = timed_json(
-        caller, ["--time", "5", "--wall", "10", "--", "sh", "-c", "sleep 0.2; echo done"]
+        caller,
+        ["--time", "5", "--wall", "10", "--", "sh", "-c", "sleep 0.2; echo done"],
     )
     assert res["verdict"] == "OK" and res["stdout"] == "done\n", res
     assert done.returncode == 0

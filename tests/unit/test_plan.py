@@ -74,19 +74,20 @@ def test_chosen_ids_inside():
 
 
 def test_subordinate_range_for_unprivileged_caller_uses_helpers():
-    # Inside root (sbx's own processes) comes from the range; the payload stays the
-    # caller, so what it writes to --dir is the caller's.
-    ids = plan_ids(1001, 1001, subuid=(100000, 65536), subgid=(200000, 65536))
+    """Inside root (sbx's init) is the range's first id; the payload stays the caller,
+    so what it writes to --dir is the caller's."""
+    ids = plan_ids(1001, 1002, subuid=(100000, 65536), subgid=(200000, 65536))
     assert ids.uid_map_text == "0 100000 1\n1000 1001 1\n"
-    assert ids.gid_map_text == "0 200000 1\n1000 1001 1\n"
-    assert ids.use_helpers is True and ids.switch_to is None and ids.init_is_root
+    assert ids.gid_map_text == "0 200000 1\n1000 1002 1\n"
+    assert ids.use_helpers is True and ids.switch_to is None
+    assert (ids.uid, ids.gid) == (1000, 1000)
 
 
-def test_root_caller_with_a_range_runs_the_payload_as_an_id_from_it():
-    ids = plan_ids(0, 0, subuid=(100000, 65536), subgid=(300000, 65536))
-    assert ids.uid_map_text == "1000 101000 1\n"
-    assert ids.gid_map_text == "1000 301000 1\n"
-    assert ids.switch_to == (101000, 301000) and not ids.use_helpers
+def test_subordinate_range_never_maps_host_root():
+    for caller in ((1001, 1001), (0, 0)):
+        ids = plan_ids(*caller, subuid=(100000, 65536), subgid=(100000, 65536))
+        for m in ids.uid_map + ids.gid_map:
+            assert m.outside != 0, (caller, m)
 
 
 # --- mounts
