@@ -10,8 +10,6 @@ import logging
 
 import pytest
 
-from tests.conftest import REPO
-
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
@@ -41,8 +39,11 @@ def _script() -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(vm) -> dict[str, dict]:
-    result = vm.run(_script(), env={"PYTHONPATH": str(REPO)}, timeout_s=400)
+def runs(vm, sbx_tree) -> dict[str, dict]:
+    # sbx_tree: the checkout, or a world-readable copy of it under /tmp, which the VM
+    # sees too (files the host wrote before the boot).
+    env = {"PYTHONPATH": str(sbx_tree), "SBX_PROFILES_DIR": str(sbx_tree / "profiles")}
+    result = vm.run(_script(), env=env, timeout_s=400)
     log.info("boot %.1f s, command %.1f s", result.boot_s, result.command_s)
     log.info("stderr in the VM:\n%s", result.stderr)
     assert result.returncode == 0, (result.stdout, result.stderr)
