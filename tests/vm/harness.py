@@ -60,6 +60,7 @@ the command's own failure is just a non-zero `VMResult.returncode`.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import lzma
@@ -159,8 +160,10 @@ def cache_dir() -> Path:
     return Path(xdg) / "sbx-vm"
 
 
+@functools.cache
 def prepare_image() -> VMImage:
-    """The cached kernel and initramfs, building whatever is missing."""
+    """The cached kernel and initramfs, building whatever is missing. Once per process:
+    asking apt which kernel is current takes seconds on a loaded host."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "lock", "w") as lock:
