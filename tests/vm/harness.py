@@ -412,13 +412,18 @@ def run_in_vm(
     uid = _default_uid() if as_uid is None else as_uid
     with tempfile.TemporaryDirectory(prefix="sbx-vm-job-") as tmp:
         job = Path(tmp)
-        os.chmod(job, 0o755)
-        (job / "script.sh").write_text(script)
-        (job / "bin").mkdir(mode=0o755)
-        (job / "bin" / "sbx-vm-scope").write_text(SCOPE_HELPER)
-        os.chmod(job / "bin" / "sbx-vm-scope", 0o755)
-        (job / "stage2.sh").write_text(stage2_script(uid, env or {}))
+        _write_job(job, script, uid, env or {})
         return _boot(image, job, timeout_s, memory_mib, cpus)
+
+
+def _write_job(job: Path, script: str, uid: int, env: dict[str, str]) -> None:
+    """The job share as the VM sees it at /run/sbx-vm: readable by the test user."""
+    os.chmod(job, 0o755)
+    (job / "script.sh").write_text(script)
+    (job / "stage2.sh").write_text(stage2_script(uid, env))
+    (job / "bin").mkdir(mode=0o755)
+    (job / "bin" / "sbx-vm-scope").write_text(SCOPE_HELPER)
+    os.chmod(job / "bin" / "sbx-vm-scope", 0o755)
 
 
 # On the script's PATH. The script's own shell stays in its scope, so a supervisor it
@@ -444,7 +449,7 @@ def _default_uid() -> int:
 
 def scope_path(uid: int) -> str:
     """The delegated cgroup the script starts in, relative to /sys/fs/cgroup."""
-    return (f"user.slice/user-{uid}.slice/user@{uid}.service/app.slice/sbx-vm.scope")
+    return f"user.slice/user-{uid}.slice/user@{uid}.service/app.slice/sbx-vm.scope"
 
 
 def stage2_script(uid: int, extra_env: dict[str, str]) -> str:
