@@ -41,11 +41,11 @@ prefix it with `sbx-vm-scope` (on PATH):
 
 How long: the first call downloads about 70 MB and prepares the images (about 10 s,
 cached under /var/tmp/sbx-vm for root, else $XDG_CACHE_HOME/sbx-vm or ~/.cache/sbx-vm;
-$SBX_VM_CACHE overrides). Each run then boots in about 6 s on this two-CPU host when
-it is otherwise idle (3.8 s of kernel, 0.6 s of modules and mounts, the rest qemu and
-stage 2), and 10 to 15 s when other jobs load it; see VMResult.boot_s. Commands run
-slowly under TCG: a dynamically linked program takes about 0.15 s to start, Python
-0.5 to 1 s, one `sbx exec` 7 to 15 s, the OOM smoke script 13 to 20 s.
+$SBX_VM_CACHE overrides). Each run then boots in about 6 s on this two-CPU host at a
+load average near 1 (3.8 s of kernel, 0.6 s of modules and mounts, the rest qemu and
+stage 2), and in 10 to 15 s at load averages of 7 to 20; see VMResult.boot_s.
+Commands run slowly under TCG: a dynamically linked program takes about 0.15 s to
+start, Python 0.5 to 1 s, one `sbx exec` 7 to 15 s, the OOM smoke script 13 to 20 s.
 
 What it needs: qemu-system-x86_64 (Debian's qemu-system-x86), /bin/busybox from
 busybox-static, apt-get and dpkg with the Debian archive reachable the first time, and
