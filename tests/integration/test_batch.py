@@ -168,7 +168,7 @@ def test_interrupted_batch_resumes_to_exactly_one_line_per_job(caller, workdir):
 
         second = _batch(caller, workdir, *args)
         stdout, stderr = second.communicate(timeout=120)
-        assert second.returncode == 0, stderr
+        assert second.returncode == 0, _not_ok(out) or stderr
         assert f"{len(ids)} already in the results file" in stdout
     finally:
         cgroups.remove()
@@ -178,6 +178,13 @@ def test_interrupted_batch_resumes_to_exactly_one_line_per_job(caller, workdir):
     assert sorted(entry["id"] for entry in entries) == [job["id"] for job in jobs]
     assert {entry["verdict"] for entry in entries} == {"OK"}
     assert os.listdir(workdir / "tmp") == []
+
+
+def _not_ok(out: Path) -> str:
+    """The result lines that are not OK, to explain a failed assertion."""
+    return "\n".join(
+        json.dumps(entry) for entry in _result_lines(out) if entry["verdict"] != "OK"
+    )
 
 
 def _lines_so_far(path: Path) -> list[bytes]:
@@ -237,6 +244,7 @@ def test_checkers_tell_spacing_from_wrong_answers(caller, workdir):
     assert done.returncode == 1, stderr
 
     by_id = {entry["id"]: entry for entry in _result_lines(out)}
+    assert {e["verdict"] for e in by_id.values()} <= {"OK", "WA", "RE"}, _not_ok(out)
     assert by_id["tokens"]["verdict"] == "OK"
     assert by_id["tokens"]["check"] == {
         "checker": "tokens",
