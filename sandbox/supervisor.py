@@ -98,6 +98,7 @@ class Run:
     cpu_seen_s: float = 0.0
     init_gone: bool = False
     root_mode: str = ""
+    tree_times: tuple = (0.0, 0.0)
     rusage: object = None
 
 
@@ -467,6 +468,11 @@ def _on_violation(r: Run, fd: int, events: int) -> bool:
 def _teardown(r: Run) -> None:
     """Kill what is left of the run (its init's death kills the pid namespace), reap
     it, then drain what the payload wrote before it died."""
+    if r.init_pid and r.cgroup.cpu_time_ns() is None:
+        # Without a cgroup, the last look at the run's CPU time is from /proc, before
+        # the kill: processes killed with the pid namespace are not reaped by
+        # anything whose rusage reaches this supervisor.
+        r.tree_times = procstat.tree_times(r.init_pid)
     _kill(r)
     for stream in r.streams:
         while data := os.read(stream.read_fd, READ_CHUNK):
@@ -514,9 +520,9 @@ def _report(r: Run) -> result.Result:
         raise ExecError(r.plan.argv[0], r.exec_errno)
     wall = time.monotonic() - r.payload_started
     usage = r.rusage
-    user = max(0.0, usage.ru_utime - r.init_setup_cpu_s)
-    system = usage.ru_stime
-    total = user + system
+    user = max(0.0, usage.ru_utime - r.init_setup_cpu_s, r.tree_times[0])
+    system = max(usage.ru_stime, r.tree_times[1])
+    total = max(user + system, r.cpu_seen_s)
     cgroup_ns = r.cgroup.cpu_time_ns()
     if cgroup_ns is not None:
         total = max(0.0, cgroup_ns / 1e9 - r.init_setup_cpu_s)

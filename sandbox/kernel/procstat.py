@@ -15,8 +15,8 @@ import os
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-def _stat_times(pid: int) -> tuple[int, int] | None:
-    """(own ticks, reaped children's ticks) of one process, or None if it is gone."""
+def _stat_times(pid: int) -> tuple[int, int, int, int] | None:
+    """(utime, stime, cutime, cstime) ticks of one process, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -25,7 +25,7 @@ def _stat_times(pid: int) -> tuple[int, int] | None:
     fields = data[data.rindex(b")") + 2 :].split()
     # Fields 14-17 of proc(5), counted from 1 with pid and comm first.
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return utime + stime, cutime + cstime
+    return utime, stime, cutime, cstime
 
 
 def _children(pid: int) -> list[int]:
@@ -43,18 +43,24 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def tree_cpu_s(init_pid: int) -> float:
-    """Seconds of CPU used by every process below init_pid, plus what init reaped."""
-    ticks = 0
+def tree_times(init_pid: int) -> tuple[float, float]:
+    """(user, system) seconds used by every process below init_pid, plus what init
+    reaped; init's own time (sbx's) is left out."""
     root = _stat_times(init_pid)
     if root is None:
-        return 0.0
-    ticks += root[1]
+        return 0.0, 0.0
+    user, system = root[2], root[3]
     stack = _children(init_pid)
     while stack:
         pid = stack.pop()
         times = _stat_times(pid)
         if times is not None:
-            ticks += times[0] + times[1]
+            user += times[0] + times[2]
+            system += times[1] + times[3]
             stack += _children(pid)
-    return ticks * _TICK_S
+    return user * _TICK_S, system * _TICK_S
+
+
+def tree_cpu_s(init_pid: int) -> float:
+    """Seconds of CPU used by every process below init_pid, plus what init reaped."""
+    return sum(tree_times(init_pid))
