@@ -22,22 +22,24 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..errors import SandboxError, UsageError, kernel_error
-from ..seccomp_policy import (
-    Action,
-    FilterPlan,
-    Host,
-    policy_from_bytes,
-    read_policy_bytes,
-)
+
+try:  # the built-in SHA-256: hashlib's OpenSSL start-up costs more than the lookup
+    from _sha256 import sha256
+except ImportError:  # pragma: no cover - CPython builds without it
+    from hashlib import sha256
+
+if TYPE_CHECKING:
+    from ..seccomp_policy import Action, FilterPlan, Host
+
+# The warm path (a cached filter) never parses the policy: sandbox.seccomp_policy
+# (the JSON parser and its regular expressions) is imported only to compile.
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,8 @@ def prepare(path: str) -> Filter:
     The warm path reads two files and hashes one; it neither parses the JSON nor
     imports pyseccomp.
     """
-    raw = read_policy_bytes(path)
-    host = host_facts()
+    raw = _read_policy_bytes(path)
+    host = _host_key()
     notify = notify_supported()
     cache_file = _cache_path(raw, host, notify)
     cached = _read_cache(cache_file, notify)
@@ -95,8 +97,10 @@ def prepare(path: str) -> Filter:
         log.debug("seccomp filter for %s read from %s", path, cache_file)
         return cached
 
+    from ..seccomp_policy import policy_from_bytes
+
     policy = policy_from_bytes(raw, path)
-    bpf = compile_plan(policy.plan(host), notify)
+    bpf = compile_plan(policy.plan(host_facts()), notify)
     compiled = Filter(bpf=bpf, notify=notify, digest=policy.digest)
     _write_cache(cache_file, compiled)
     log.info("seccomp policy %s compiled: %d instructions", path,
@@ -104,10 +108,28 @@ def prepare(path: str) -> Filter:
     return compiled
 
 
-def host_facts() -> Host:
+def _read_policy_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as exc:
+        raise UsageError(
+            f"{path}: cannot read the seccomp policy: {exc.strerror}"
+        ) from None
+
+
+def _host_key() -> tuple[str, tuple[int, int]]:
+    """(machine, (kernel major, minor)): what includes/excludes depend on."""
     uname = os.uname()
     major, minor = (uname.release.split(".") + ["0"])[:2]
-    return Host(machine=uname.machine, kernel=(int(major), int(_digits(minor))))
+    return uname.machine, (int(major), int(_digits(minor)))
+
+
+def host_facts() -> Host:
+    from ..seccomp_policy import Host
+
+    machine, kernel = _host_key()
+    return Host(machine=machine, kernel=kernel)
 
 
 def notify_supported() -> bool:
@@ -214,13 +236,13 @@ def _cache_dir() -> str:
     return os.path.join(base, "sbx", "seccomp")
 
 
-def _cache_path(raw: bytes, host: Host, notify: bool) -> str:
+def _cache_path(raw: bytes, host: tuple, notify: bool) -> str:
     # The compiled program depends on the policy's content, on how this host
     # evaluates its includes/excludes (architecture, kernel version), on notify
     # support and on the libseccomp that generated it.
-    facts = json.dumps([host.machine, host.kernel, notify, libseccomp_version(),
-                        COMPILER_VERSION])
-    name = hashlib.sha256(facts.encode() + b"\0" + raw).hexdigest()[:40]
+    machine, kernel = host
+    facts = repr([machine, list(kernel), notify, libseccomp_version(), COMPILER_VERSION])
+    name = sha256(facts.encode() + b"\0" + raw).hexdigest()[:40]
     return os.path.join(_cache_dir(), f"{name}.bpf")
 
 
@@ -253,6 +275,8 @@ def _write_cache(cache_file: str, compiled: Filter) -> None:
     data = _CACHE_MAGIC + b" " + compiled.digest.encode() + b"\n" + compiled.bpf
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".bpf")
         try:
             with os.fdopen(fd, "wb") as stream:
