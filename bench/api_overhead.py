@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import statistics
@@ -35,6 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sandbox import api, supervisor
+
+# sbx logs a WARNING per run for each limit this host enforces weakly (no cgroup for
+# an unprivileged caller here); with no handler set, Python would print every one.
+logging.getLogger("sandbox").setLevel(logging.ERROR)
 
 USR_FAMILY = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
