@@ -20,10 +20,11 @@ import os
 import resource
 import select
 import signal
-import socket
+
+import _socket
 from dataclasses import dataclass
 
-from .kernel import libc, mounts, net
+from .kernel import fdpass, libc, mounts, net
 from .plan import Plan
 
 NAMESPACES = (
@@ -97,7 +98,7 @@ def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgrou
             places = mounts.prepare_transfers(plan.caller_paths)
         if plan.ids.init_is_root:
             _become_inside_root(supervisor_pid)
-        socket.sethostname(plan.hostname)
+        _socket.sethostname(plan.hostname)
         net.loopback_up()
         init_pid = os.fork()
         if init_pid == 0:
@@ -267,9 +268,8 @@ def _install_seccomp(prep: Prepared, fds: ChildFds) -> None:
 
     listener = seccomp.install(bpf_filter)
     if listener is not None and fds.listener_sock is not None:
-        socket.send_fds(socket.socket(fileno=fds.listener_sock), [b"L"], [listener])
+        fdpass.send_fd(fds.listener_sock, listener)
         os.close(listener)
-    # Closing the socket object would close the fd; exec closes it (close-on-exec).
 
 
 def _exec(plan: Plan, fds: ChildFds) -> None:

@@ -15,7 +15,6 @@ import os
 import resource
 import select
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import child, result
 from .errors import ExecError, SandboxError, kernel_error
-from .kernel import libc, procstat
+from .kernel import fdpass, libc, procstat
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class Run:
     prep: child.Prepared
     control_w: int = -1
     report_r: int = -1
-    listener_sock: socket.socket | None = None
+    listener_sock: object = None  # the supervisor's end of the fd-passing pair
     stage1_pid: int = 0
     init_pid: int = 0
     init_reaped: bool = False
@@ -216,7 +215,7 @@ def _open_channels(r: Run) -> _Fds:
     child_side = [control_r, report_w]
     sock_child = None
     if r.prep.seccomp_filter is not None and r.prep.seccomp_filter.notify:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        parent_sock, child_sock = fdpass.pair()
         r.listener_sock = parent_sock
         sock_child = child_sock.detach()
         child_side.append(sock_child)
@@ -446,9 +445,7 @@ def _on_stdin_writable(r: Run, fd: int, events: int) -> bool:
 
 
 def _on_listener_sock(r: Run, fd: int, events: int) -> bool:
-    _, fds, _, _ = socket.recv_fds(r.listener_sock, 16, 1)
-    if fds:
-        r.listener_fd = fds[0]
+    r.listener_fd = fdpass.receive_fd(r.listener_sock)
     return False
 
 

@@ -23,7 +23,6 @@ import errno
 import logging
 import os
 import resource
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -1006,6 +1005,8 @@ def systemd_scope_command(
     environ = os.environ if environ is None else environ
     if environ.get(SCOPE_ENV) or not os.path.isdir("/run/systemd/system"):
         return None
+    import shutil
+
     systemd_run = shutil.which("systemd-run")
     runtime_dir = environ.get("XDG_RUNTIME_DIR", "")
     has_bus = environ.get("DBUS_SESSION_BUS_ADDRESS") or os.path.exists(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 from functools import lru_cache
 
 from ..plan import ETC_BINDS, USR_FAMILY, HostLayout
@@ -35,13 +34,18 @@ def _range_for(path: str, names: set[str]) -> tuple[int, int] | None:
     return None
 
 
+def _on_path(tool: str) -> bool:
+    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(":"):
+        if os.access(os.path.join(directory or ".", tool), os.X_OK):
+            return True
+    return False
+
+
 def subordinate_ids(uid: int, gid: int) -> tuple | None:
     """((subuid start, count), (subgid start, count)) for the caller when it has
     ranges in /etc/subuid and /etc/subgid and the setuid helpers that apply them
     (root needs no helper). None means single-id maps."""
-    if uid != 0 and not all(
-        shutil.which(tool) for tool in ("newuidmap", "newgidmap")
-    ):
+    if uid != 0 and not all(_on_path(tool) for tool in ("newuidmap", "newgidmap")):
         return None
     try:
         name = pwd.getpwuid(uid).pw_name

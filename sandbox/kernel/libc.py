@@ -11,9 +11,7 @@ names the call and says what to do.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -50,7 +48,7 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SYSCALLS = {
     "x86_64": {"pivot_root": 155, "capset": 126, "setns": 308, "pidfd_open": 434},
     "aarch64": {"pivot_root": 41, "capset": 91, "setns": 268, "pidfd_open": 434},
-}[platform.machine()]
+}[os.uname().machine]
 
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
