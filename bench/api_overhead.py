@@ -15,7 +15,8 @@ The API's overhead is its time minus bare; item 1 holds when it is at most bwrap
 per-run time. Reported: the median of each round, and the spread over rounds.
 
 --cprofile N profiles N runs through the API and prints where the time goes per run;
---phases N times each step of N runs as the supervisor sees it (children included).
+--phases N times each step of N runs as the supervisor sees it (children included);
+--child-steps N times the steps inside the sandbox's own processes.
 """
 
 from __future__ import annotations
@@ -219,12 +220,80 @@ def phase_breakdown(count: int) -> None:
     print(f"  {wall / count * 1000:7.2f}  in all")
 
 
+CHILD_STEPS = (
+    (
+        "stage 1: join the run's cgroups",
+        "cgroups",
+        ("Cgroup1Run", "Cgroup2Run"),
+        "join_self",
+    ),
+    ("stage 1: root caller's staging + drop ids", "child", None, "_leave_root"),
+    ("stage 1/3: unshare (all namespaces)", "libc", None, "unshare"),
+    ("stage 1: loopback up", "net", None, "loopback_up"),
+    ("stage 2: build the root (mounts)", "mounts", None, "build_root"),
+    ("stage 2: pivot_root and detach", "mounts", None, "enter_root"),
+    ("stage 3: stdio", "child", None, "_set_stdio"),
+    ("stage 3: rlimits", "child", None, "_set_rlimits"),
+    ("stage 3: ids", "child", None, "_set_ids"),
+    ("stage 3: close other fds", "child", None, "_close_other_fds"),
+    ("stage 3: drop capabilities", "libc", None, "drop_all_capabilities"),
+    ("stage 3: install seccomp", "child", None, "_install_seccomp"),
+)
+
+
+def child_steps(count: int) -> None:
+    """Time the sandbox side's steps (in the forked stages) through a shared
+    anonymous mapping: each wrapped step adds its duration to its own slot."""
+    import mmap
+    import struct
+
+    from sandbox import child
+    from sandbox.kernel import cgroups, libc, mounts, net
+
+    modules = {"cgroups": cgroups, "child": child, "libc": libc, "mounts": mounts}
+    modules["net"] = net
+    shared = mmap.mmap(-1, 8 * (len(CHILD_STEPS) + 1))
+
+    def wrap(owner, name: str, slot: int) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                (total,) = struct.unpack_from("d", shared, 8 * slot)
+                elapsed = time.perf_counter() - started
+                struct.pack_into("d", shared, 8 * slot, total + elapsed)
+
+        setattr(owner, name, wrapper)
+
+    for slot, (_, module, classes, name) in enumerate(CHILD_STEPS):
+        owners = [getattr(modules[module], c) for c in classes or ()]
+        for owner in owners or [modules[module]]:
+            if hasattr(owner, name):
+                wrap(owner, name, slot)
+    supervisor.run(api.plan_for(["/bin/true"], "strict"))
+    shared[:] = bytes(len(shared))
+    plan = api.plan_for(["/bin/true"], "strict")
+    started = time.perf_counter()
+    for _ in range(count):
+        supervisor.run(plan)
+    wall = time.perf_counter() - started
+    print(f"\nsandbox-side steps, mean of {count} runs (ms per run):")
+    for slot, (label, *_) in enumerate(CHILD_STEPS):
+        (total,) = struct.unpack_from("d", shared, 8 * slot)
+        print(f"  {total / count * 1000:7.2f}  {label}")
+    print(f"  {wall / count * 1000:7.2f}  the whole run (plan reused)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="runs per tool per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N")
     parser.add_argument("--phases", type=int, default=0, metavar="N")
+    parser.add_argument("--child-steps", type=int, default=0, metavar="N")
     parser.add_argument(
         "--skip-peers", action="store_true", help="only --cprofile/--phases"
     )
@@ -236,6 +305,8 @@ def main() -> int:
         profile_runs(args.cprofile)
     if args.phases:
         phase_breakdown(args.phases)
+    if args.child_steps:
+        child_steps(args.child_steps)
     return 0 if holds else 1
 
 
