@@ -130,7 +130,9 @@ def run_cmd(ctx: typer.Context) -> None:
     if own.get("detach"):
         typer.echo(name)
         return
-    _follow_logs(name)
+    if not _follow_logs(name):
+        typer.echo(f"sbx: {name} keeps running; `sbx stop {name}` stops it", err=True)
+        raise SystemExit(130)
     raise SystemExit(_exit_status(instances.get(name)))
 
 
@@ -370,8 +372,9 @@ def logs_cmd(
         out.flush()
 
 
-def _follow_logs(name: str) -> None:
-    """Print the output so far, then what comes, until the instance stops."""
+def _follow_logs(name: str) -> bool:
+    """Print the output so far, then what comes, until the instance stops (True)
+    or Ctrl-C (False)."""
     from . import instances
     from .instances import store
 
@@ -391,10 +394,10 @@ def _follow_logs(name: str) -> None:
             for tail in tails.values():
                 tail.drain()
             if not running:
-                return
+                return True
             time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
-        return
+        return False
     finally:
         for tail in tails.values():
             tail.close()

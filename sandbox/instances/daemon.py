@@ -112,12 +112,14 @@ def _supervise(name: str, plan: Plan, sock: socket.socket, log_max_bytes: int) -
     )
     plan = replace(plan, stdio=stdio)
     committed = []
+    early = _EarlySignals()
+    log_pipes = [out_w, err_w]
 
     def on_start(init_pid: int, cgroup) -> None:
         # The sandbox holds its own copies of the log pipes now: the relay sees
         # end-of-file when the last process of the instance is gone.
-        os.close(out_w)
-        os.close(err_w)
+        _close_all(log_pipes)
+        early.init_started(init_pid)
         record = run_record(run_id, plan, init_pid, cgroup)
         _send(sock, {"ok": True, "run": record})
         if _receive_line(sock, COMMIT_TIMEOUT_S) != b"commit\n":
@@ -127,12 +129,53 @@ def _supervise(name: str, plan: Plan, sock: socket.socket, log_max_bytes: int) -
         log.info("instance %s running: init is host pid %d", name, init_pid)
 
     outcome = _run(plan, on_start)
+    early.done()
+    _close_all(log_pipes)  # the sandbox may have failed before on_start
     if not committed:
         _send(sock, {"ok": False, **outcome})
     os.waitpid(relay_pid, 0)
     if committed:
         finish(name, run_id, outcome)
     os._exit(0)
+
+
+class _EarlySignals:
+    """`sbx stop` may come before supervisor.run forwards signals (it does so while
+    it watches the run): hold SIGTERM, SIGINT and SIGHUP until init runs, then pass
+    them to it, as the watch would. Through a pidfd: once init is reaped, a late
+    signal finds no process rather than one that reused its pid."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.init_fd: int | None = None
+        self.pending: list[int] = []
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        if self.init_fd is None:
+            self.pending.append(sig)
+            return
+        try:
+            signal.pidfd_send_signal(self.init_fd, sig)
+        except ProcessLookupError:
+            pass
+
+    def init_started(self, init_pid: int) -> None:
+        from ..kernel import libc
+
+        self.init_fd = libc.pidfd_open(init_pid)
+        for sig in self.pending:
+            self._on_signal(sig, None)
+
+    def done(self) -> None:
+        """The run is over: nothing left to pass signals to."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.init_fd is not None:
+            os.close(self.init_fd)
+            self.init_fd = None
 
 
 def _run(plan: Plan, on_start) -> dict:
@@ -234,6 +277,11 @@ def payload_rlimits(plan: Plan, cgroup) -> list[tuple[int, int, int]]:
         size = limits.fsize_max_bytes
         rlimits.append((resource.RLIMIT_FSIZE, size, size))
     return rlimits
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 def _send(sock: socket.socket, message: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,11 @@ class Sbx:
             if log.exists() and text in log.read_text():
                 return
             time.sleep(0.05)
-        raise AssertionError(f"{name} did not print {text!r}: {self.ok('logs', name)}")
+        supervisor_log = (self.root / name / "supervisor.log").read_text()
+        raise AssertionError(
+            f"{name} did not print {text!r} in {timeout_s} s: {self.run('logs', name)}"
+            f"\n{self.ps().get(name)}\n{supervisor_log}"
+        )
 
     def cleanup(self) -> None:
         """Kill whatever a failed test left running, through sbx itself."""
@@ -125,7 +130,28 @@ def sbx(caller):
         yield tool
     finally:
         tool.cleanup()
+        left = _processes_of(home)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(home, ignore_errors=True)
+    assert left == [], "processes of this test's sbx were left running"
+
+
+def _processes_of(state_home: Path) -> list[int]:
+    """Processes started by sbx with this state home (supervisors, log relays):
+    they inherit its environment; the sandboxed payloads do not."""
+    marker = f"XDG_STATE_HOME={state_home}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and _alive(int(entry)):
+            found.append(int(entry))
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -412,6 +438,23 @@ def test_an_instance_from_before_a_reboot_shows_exited(sbx, caller):
     sbx.ok("start", "old")
     assert sbx.ps()["old"]["state"] == "running"
     sbx.ok("rm", "-f", "old")
+
+
+def test_a_start_that_fails_reports_it_and_leaves_nothing_running(sbx, caller):
+    policy = sbx.state_home / "policy.json"
+    policy.write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}')
+    os.chmod(policy, 0o644)
+    sbx.ok("create", "--name", "broken", "--seccomp", str(policy), "--", "true")
+    policy.write_text("this is not JSON")
+    before = (sbx.root / "broken" / "state.json").read_bytes()
+    done = sbx.run("start", "broken")
+    assert done.returncode != 0 and "sbx: error: " in done.stderr, done
+    assert (sbx.root / "broken" / "state.json").read_bytes() == before
+    deadline = time.monotonic() + 5
+    while _processes_of(sbx.state_home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_of(sbx.state_home) == []
+    sbx.ok("rm", "broken")
 
 
 def test_run_without_detach_follows_and_returns_the_exit_status(sbx, caller):
