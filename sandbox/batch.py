@@ -476,7 +476,9 @@ class Batch:
             killed = self._finish_slot(slot)
             if outer is not None:
                 _remove_tree(outer)
-        if killed:
+        # A job still running when stop() came is not written, killed or not: a
+        # Ctrl-C on a terminal may also have reached it and changed its verdict.
+        if killed or self._stopping.is_set():
             return None
         return self._entry(job, result)
 

@@ -75,6 +75,7 @@ def batch_main(
     from .entry import setup_logging
 
     setup_logging(verbose, False)
+    _sandboxes_in_own_process_groups()
     _log_each_warning_once()
     jobs = batch.read_jobs(jobs_file, profile)
     results = batch.ResultsFile(out)
@@ -83,12 +84,13 @@ def batch_main(
         show = _Progress(sys.stderr, quiet)
 
         def on_signal(sig: int, frame: object) -> None:
-            if not runner.stopping:
+            first = not runner.stopping
+            runner.stop()
+            if first:
                 show.message(
                     f"{signal.Signals(sig).name}: stopping; the running jobs are "
                     "killed and left for the next run"
                 )
-            runner.stop()
 
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -110,6 +112,21 @@ def batch_main(
         if summary.all_ok and _previous_all_ok(results)
         else EXIT_SOME_NOT_OK
     )
+
+
+def _sandboxes_in_own_process_groups() -> None:
+    """Each sandbox starts in a process group of its own, so that a Ctrl-C typed at
+    the terminal reaches only sbx, which then stops the batch in order. The hook
+    runs in every child forked by Python code in this process and its descendants;
+    it acts only in the direct children (each sandbox's stage 1), and the sandbox's
+    later stages inherit the group."""
+    batch_pid = os.getpid()
+
+    def new_group() -> None:
+        if os.getppid() == batch_pid:
+            os.setpgid(0, 0)
+
+    os.register_at_fork(after_in_child=new_group)
 
 
 def _previous_all_ok(results) -> bool:
