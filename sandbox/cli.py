@@ -39,7 +39,11 @@ _register_commands()
 
 def run_app(args: list[str]) -> int:
     try:
-        app(args, prog_name="sbx", standalone_mode=False)
+        # Without standalone mode, click returns a typer.Exit's code instead of
+        # raising it.
+        rc = app(args, prog_name="sbx", standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
     except SbxError as e:
         print(f"sbx: error: {e}", file=sys.stderr)
         return e.exit_code
