@@ -152,7 +152,7 @@ def main() -> int:
 def report(rates: dict, memory: dict, runs: int) -> None:
     cpus = os.cpu_count()
     print(
-        f"sbx batch, {runs} x python3 -c 'print(1)' under strict, uid {os.getuid()}, "
+        f"sbx batch, {runs} x python3 -c 'print(1)' under strict, uid {os.getuid()},"
     )
     print(f"{cpus} CPUs; runs/s (median of rounds, min-max), ratio to --jobs 1")
     base = statistics.median(rates[1])
