@@ -3,7 +3,8 @@ against bubblewrap and a bare run measured in the same run (issue 7, item 1).
 
     python bench/api_overhead.py [--runs N] [--rounds R] [--cprofile N]
 
-Measured, in rounds that alternate between the tools so a busy machine weighs on
+Started as root, it measures as the unprivileged user `sbxtest` (as overhead.py does;
+--user NAME, or --as-root). Measured, in rounds that alternate between the tools so a busy machine weighs on
 each alike:
   bare      /bin/true, by hyperfine --shell=none
   bwrap     bwrap --unshare-all with a read-only /usr (and the host's /bin, /lib...
@@ -35,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from overhead import bwrap_command
 
 from sandbox import api, supervisor
 
@@ -42,20 +46,14 @@ from sandbox import api, supervisor
 # an unprivileged caller here); with no handler set, Python would print every one.
 logging.getLogger("sandbox").setLevel(logging.ERROR)
 
-USR_FAMILY = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
-
 
 def bwrap_argv(command: list[str]) -> list[str]:
-    """bubblewrap with every namespace, a read-only /usr and the /usr family as on
-    the host, a fresh /proc and a minimal /dev."""
-    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr"]
-    for name in USR_FAMILY:
-        path = f"/{name}"
-        if os.path.islink(path):
-            argv += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            argv += ["--ro-bind", path, path]
-    return argv + ["--proc", "/proc", "--dev", "/dev", *command]
+    """overhead.py's bubblewrap peer (every namespace, a read-only /usr and the /usr
+    family as on the host, a fresh /proc and /dev), running `command`."""
+    base = bwrap_command()
+    if base is None:
+        raise SystemExit("bwrap is not installed (Debian package bubblewrap)")
+    return base[:-1] + command
 
 
 def hyperfine_median_s(argv: list[str], runs: int, warmup: int = 10) -> float:
@@ -287,6 +285,29 @@ def child_steps(count: int) -> None:
     print(f"  {wall / count * 1000:7.2f}  the whole run (plan reused)")
 
 
+def add_user_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--user", default="sbxtest", help="who to measure as when started as root"
+    )
+    parser.add_argument(
+        "--as-root", action="store_true", help="started as root, measure as root"
+    )
+
+
+def measure_as(args: argparse.Namespace) -> None:
+    """As overhead.py does: started as root, run again as the unprivileged user
+    (rootless is the point), unless --as-root."""
+    if os.geteuid() != 0 or args.as_root:
+        return
+    import pwd
+
+    entry = pwd.getpwnam(args.user)
+    command = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}"]
+    command += ["--init-groups", "env", f"HOME={entry.pw_dir}", f"USER={args.user}"]
+    command += [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:]]
+    sys.exit(subprocess.run(command, cwd="/", check=False).returncode)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="runs per tool per round")
@@ -297,7 +318,9 @@ def main() -> int:
     parser.add_argument(
         "--skip-peers", action="store_true", help="only --cprofile/--phases"
     )
+    add_user_options(parser)
     args = parser.parse_args()
+    measure_as(args)
     holds = True
     if not args.skip_peers:
         holds = report(measure(args.runs, args.rounds))

@@ -5,7 +5,9 @@
            in a read-only /box), two at a time from a Python thread pool
   bare     the same programs, unsandboxed, two at a time
 
-    python bench/humaneval.py [--rounds R] [--jobs N]
+    python bench/humaneval.py [--rounds R] [--jobs N] [--user NAME | --as-root]
+
+Started as root, it measures as the unprivileged user `sbxtest`, as overhead.py does.
 
 Each program is prompt + canonical solution + test + `check(entry_point)`, run with
 `/usr/bin/python3 prog.py`; it passes when it exits 0. Printed per tool: wall time,
@@ -33,7 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 # /usr); named in full so that no tool finds another python3 on the caller's PATH.
 PYTHON = "/usr/bin/python3"
 
-from api_overhead import bwrap_argv
+from api_overhead import add_user_options, bwrap_argv, measure_as
 
 
 def load_tasks() -> list[dict]:
@@ -133,7 +135,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
+    add_user_options(parser)
     args = parser.parse_args()
+    measure_as(args)
     tasks = load_tasks()
     rows: dict[str, list[tuple[float, int]]] = {"sbx": [], "bwrap": [], "bare": []}
     with tempfile.TemporaryDirectory(prefix="sbx-humaneval-") as tmp:

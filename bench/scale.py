@@ -1,6 +1,8 @@
 """How `sbx batch` scales with --jobs, and what each concurrent sandbox costs sbx.
 
-    python bench/scale.py [--runs N] [--rounds R]
+    python bench/scale.py [--runs N] [--rounds R] [--user NAME | --as-root]
+
+Started as root, it measures as the unprivileged user `sbxtest`, as overhead.py does.
 
 Throughput: N jobs of `python3 -c "print(1)"` under `strict`, through `sbx batch`
 with --jobs 1, 2 and 4, in rounds; runs per second and the ratio to --jobs 1.
@@ -27,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from api_overhead import add_user_options, measure_as
 from humaneval import PYTHON, REPO, sbx_command
 
 JOB_COUNTS = (1, 2, 4)
@@ -136,7 +139,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="jobs per batch")
     parser.add_argument("--rounds", type=int, default=3)
+    add_user_options(parser)
     args = parser.parse_args()
+    measure_as(args)
     with tempfile.TemporaryDirectory(prefix="sbx-scale-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
@@ -151,9 +156,7 @@ def main() -> int:
 
 def report(rates: dict, memory: dict, runs: int) -> None:
     cpus = os.cpu_count()
-    print(
-        f"sbx batch, {runs} x python3 -c 'print(1)' under strict, uid {os.getuid()},"
-    )
+    print(f"sbx batch, {runs} x python3 -c 'print(1)' under strict, uid {os.getuid()},")
     print(f"{cpus} CPUs; runs/s (median of rounds, min-max), ratio to --jobs 1")
     base = statistics.median(rates[1])
     for n, values in rates.items():
