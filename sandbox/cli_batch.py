@@ -52,10 +52,7 @@ def register(app) -> None:
         """Run every job of JOBS.jsonl in its own sandbox, N at a time, from one warm
         process. Exit 0 when every job is OK, 1 otherwise, 130 when interrupted."""
         code = batch_main(jobs_file, out, jobs, profile, keep_output, quiet, verbose)
-        # SystemExit, not typer.Exit: click run with standalone_mode=False returns
-        # typer.Exit's code from app() instead of raising it, and cli.run_app
-        # ignores that return value.
-        raise SystemExit(code)
+        raise typer.Exit(code)
 
 
 def batch_main(
