@@ -31,11 +31,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import api, checkers, supervisor
 from .errors import SandboxError, UsageError
 from .plan import Mount, Plan
+from .record import replace
 from .result import IE, OK, Result
 
 log = logging.getLogger(__name__)

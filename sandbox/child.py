@@ -22,10 +22,10 @@ import select
 import signal
 
 import _socket
-from dataclasses import dataclass
 
 from .kernel import fdpass, libc, mounts, net
 from .plan import Plan
+from .record import record
 
 NAMESPACES = (
     libc.CLONE_NEWUSER
@@ -38,7 +38,7 @@ NAMESPACES = (
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Prepared:
     """What the supervisor worked out for the payload before forking."""
 
@@ -46,7 +46,7 @@ class Prepared:
     rlimits: tuple  # (resource, soft, hard) triples
 
 
-@dataclass
+@record
 class ChildFds:
     control: int  # read end: bytes from the supervisor
     report: int  # write end: lines to the supervisor (close-on-exec)

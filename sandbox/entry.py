@@ -3,7 +3,6 @@ click (see execopts.py); every other command goes to the typer app in cli.py."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 
@@ -17,6 +16,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """The CLI's one handler (stderr). Without -v, `logging` is imported only when
+    something has to be said (see sandbox/log.py)."""
+    if not verbose:
+        from . import log
+
+        log.on_first_use = lambda: _install_handler(0, quiet)
+        return
+    _install_handler(verbose, quiet)
+
+
+def _install_handler(verbose: int, quiet: bool) -> None:
+    import logging
+
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else (
         logging.INFO if verbose else logging.WARNING))
     handler = logging.StreamHandler(sys.stderr)

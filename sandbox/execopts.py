@@ -9,13 +9,13 @@ so `sbx exec --help` and the behaviour come from this one table.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from .errors import UsageError
+from .record import record
 from .units import parse_count, parse_seconds, parse_size
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Opt:
     flag: str
     key: str

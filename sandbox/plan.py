@@ -7,7 +7,8 @@ byte: the exact uid_map text, the mounts in order, the limits with their units.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from .record import record
 
 DEFAULT_UID = 1000
 DEFAULT_GID = 1000
@@ -38,7 +39,7 @@ ETC_BINDS = (
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdMap:
     """One line of /proc/PID/uid_map or gid_map: inside, outside, count."""
 
@@ -50,7 +51,7 @@ class IdMap:
         return f"{self.inside} {self.outside} {self.count}\n"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdPlan:
     uid: int  # the payload's uid inside the sandbox
     gid: int
@@ -81,7 +82,7 @@ class IdPlan:
         return "".join(m.line() for m in self.gid_map)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mount:
     """One step of building the new root, applied in order.
 
@@ -104,7 +105,7 @@ class Mount:
     devices: bool = False  # a bind of device nodes: the only mounts without nodev
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     wall_timeout_s: float | None = None
     cpu_time_s: float | None = None
@@ -118,7 +119,7 @@ class Limits:
     tmpfs_inodes: int = 16384
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Stdio:
     stdin_path: str | None = None
     stdout_path: str | None = None
@@ -129,7 +130,7 @@ class Stdio:
     stdin_data: bytes | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Plan:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
@@ -196,7 +197,7 @@ def plan_ids(
     return IdPlan(uid, gid, (IdMap(uid, host_uid, 1),), (IdMap(gid, host_gid, 1),))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostLayout:
     """What the pure layer needs to know of the host's filesystem, gathered once by
     sandbox.kernel.hostinfo: which of the /usr family exist, and as what."""

@@ -4,36 +4,36 @@ field names (see DESIGN.md, "Results")."""
 from __future__ import annotations
 
 import signal as _signal
-from dataclasses import asdict, dataclass, field
 
 from . import __version__
+from .record import asdict, factory, record
 
 OK, RE, TLE, MLE, OLE, SV, IE = "OK", "RE", "TLE", "MLE", "OLE", "SV", "IE"
 TIME_LIMIT_EXIT = 124
 INTERNAL_ERROR_EXIT = 125
 
 
-@dataclass
+@record
 class LimitReport:
     value: float | int | None
     mechanism: str  # cgroup2 | cgroup1 | rlimit | supervisor | none
 
 
-@dataclass
+@record
 class Result:
     verdict: str
     exit_code: int | None = None  # the payload's own exit code, if it exited
     signal: str | None = None  # the fatal signal's name, if it was killed by one
     reason: str | None = None  # TLE: "cpu" or "wall"; OLE: "output" or "fsize"; ...
-    cpu_time_s: dict = field(default_factory=lambda: {"user": 0.0, "system": 0.0, "total": 0.0})
+    cpu_time_s: dict = factory(lambda: {"user": 0.0, "system": 0.0, "total": 0.0})
     wall_time_s: float = 0.0
     peak_memory_bytes: int | None = None
     oom_killed: bool = False
-    limits: dict = field(default_factory=dict)
+    limits: dict = factory(dict)
     violation: dict | None = None  # SV: {"syscall": name}
     rootfs: dict | None = None  # {"name": "host" or an image, "mode": how it was made}
     error: str | None = None  # IE: what sbx could not do
-    warnings: list = field(default_factory=list)
+    warnings: list = factory(list)
     stdout: bytes | None = None
     stderr: bytes | None = None
     sbx_version: str = __version__
@@ -49,7 +49,7 @@ class Result:
             return 128 + _signal.Signals[self.signal].value
         return self.exit_code or 0
 
-    extra_exit: int | None = field(default=None, repr=False)
+    extra_exit: int | None = None  # IE: 126 or 127 for a command that cannot run
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import math
 import os
 import resource
@@ -18,14 +17,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from . import log as logs
 from . import child, result
 from .errors import ExecError, SandboxError, kernel_error
 from .kernel import fdpass, libc, procstat
 from .plan import Plan
+from .record import factory, record
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 10.0
 CPU_POLL_S = 0.01  # an overrun of --time is at most this times the cores in use
@@ -33,7 +33,7 @@ READ_CHUNK = 65536
 _subreaper_set = False
 
 
-@dataclass
+@record
 class Stream:
     """One of the payload's stdout/stderr as the supervisor drains it."""
 
@@ -43,7 +43,7 @@ class Stream:
     capture: bool
     limit_bytes: int | None
     size: int = 0
-    chunks: list = field(default_factory=list)
+    chunks: list = factory(list)
 
     def take(self, data: bytes) -> bool:
         """Account for data; False once the output limit is passed."""
@@ -69,7 +69,7 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
-@dataclass
+@record
 class Run:
     plan: Plan
     cgroup: object
@@ -80,9 +80,9 @@ class Run:
     stage1_pid: int = 0
     init_pid: int = 0
     init_reaped: bool = False
-    streams: list = field(default_factory=list)
+    streams: list = factory(list)
     stdin_feed: tuple | None = None  # (fd, remaining bytes)
-    lines: list = field(default_factory=list)
+    lines: list = factory(list)
     partial: bytes = b""
     started: float = 0.0
     payload_started: float = 0.0
@@ -203,7 +203,7 @@ def _start(r: Run) -> None:
     log.info("sandbox init is pid %d on the host", r.init_pid)
 
 
-@dataclass
+@record
 class _Fds(child.ChildFds):
     close_in_parent: tuple = ()
 

@@ -28,11 +28,11 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import replace
 
 from .. import supervisor
 from ..errors import ExecError, SandboxError, SbxError
 from ..plan import Plan, Stdio
+from ..record import replace
 from . import store
 
 log = logging.getLogger(__name__)

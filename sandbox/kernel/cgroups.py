@@ -20,17 +20,17 @@ a cgroup is a WARNING and an entry in `RunCgroup.warnings`.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import resource
 import signal
 import time
-from dataclasses import dataclass, field
 
+from .. import log as logs
 from ..errors import SandboxError, kernel_error
 from ..plan import Limits
+from ..record import factory, record
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 CPU_PERIOD_US = 100_000
@@ -53,7 +53,7 @@ MECHANISM_KEYS = ("memory", "pids", "cpus", "cpu_time")
 # --- reading the host: pure parsers ------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CgroupMount:
     """One cgroup or cgroup2 line of /proc/self/mountinfo."""
 
@@ -111,13 +111,13 @@ def parse_mountinfo(text: str) -> list[CgroupMount]:
     return mounts
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Membership:
     """Where a process is, from /proc/PID/cgroup: its cgroup v2 path ("0::/x")
     and its path in each v1 hierarchy, by controller."""
 
     v2_path: str | None
-    v1_paths: dict = field(default_factory=dict)  # controller -> path
+    v1_paths: dict = factory(dict)  # controller -> path
 
 
 def parse_proc_cgroup(text: str) -> Membership:
@@ -227,7 +227,7 @@ def v1_writes(limits: Limits, controllers: frozenset) -> dict[str, list]:
 # --- choosing the mechanisms: pure -------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CgroupFacts:
     """What this host and this process offer, gathered once by `read_facts`."""
 
@@ -238,13 +238,13 @@ class CgroupFacts:
     v2_is_root: bool = False  # our cgroup is the root of the v2 hierarchy
     v2_controllers: frozenset = frozenset()  # its cgroup.controllers
     v2_writable: bool = False
-    v1_dirs: dict = field(default_factory=dict)  # controller -> our v1 directory
+    v1_dirs: dict = factory(dict)  # controller -> our v1 directory
     v1_writable: frozenset = frozenset()  # controllers whose directory we may write
     v1_memsw: bool = True  # memory.memsw.* exists (swap accounting is on)
     swap_active: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MechanismPlan:
     backend: str  # "cgroup2", "cgroup1" or "rlimit"
     controllers: frozenset  # the controllers the backend uses

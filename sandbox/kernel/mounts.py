@@ -15,15 +15,15 @@ Two steps, in two places:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
+from .. import log as logs
 from ..errors import SandboxError
 from ..plan import Mount
 from . import libc
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 STAGING = "/tmp"
 ROOT = STAGING + "/root"

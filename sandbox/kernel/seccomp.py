@@ -22,26 +22,26 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import struct
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
+from .. import log as logs
 from ..errors import SandboxError, UsageError, kernel_error
+from ..record import record, replace
 
 try:  # the built-in SHA-256: hashlib's OpenSSL start-up costs more than the lookup
     from _sha256 import sha256
 except ImportError:  # pragma: no cover - CPython builds without it
     from hashlib import sha256
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     from ..seccomp_policy import Action, FilterPlan, Host
 
 # The warm path (a cached filter) never parses the policy: sandbox.seccomp_policy
 # (the JSON parser and its regular expressions) is imported only to compile.
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 # Bump when the way a plan becomes BPF changes: old cache entries are then unused.
 COMPILER_VERSION = 2
@@ -72,7 +72,7 @@ _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F
                "ppc64le": 0xC0000015, "s390x": 0x80000016}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Filter:
     """What one run needs to install a policy. Picklable."""
 

@@ -25,7 +25,7 @@ import select
 import signal
 import socket
 import sys
-from dataclasses import replace
+from sandbox.record import replace
 
 from sandbox.kernel import seccomp
 
