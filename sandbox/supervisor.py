@@ -301,11 +301,20 @@ def _write_id_maps(plan: Plan, pid: int) -> None:
     if ids.use_helpers:
         import subprocess
 
+        # Both setuid helpers at once: each is a process start.
+        helpers = []
         for tool, maps in (("newuidmap", ids.uid_map), ("newgidmap", ids.gid_map)):
             args = [str(n) for m in maps for n in (m.inside, m.outside, m.count)]
-            done = subprocess.run([tool, str(pid), *args], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SandboxError(f"{tool} failed: {done.stderr.strip()}")
+            command = [tool, str(pid), *args]
+            log.debug("run %s", " ".join(command))
+            helpers.append((tool, subprocess.Popen(command, stderr=subprocess.PIPE)))
+        for tool, helper in helpers:
+            _, err = helper.communicate()
+            if helper.returncode != 0:
+                raise SandboxError(
+                    f"{tool} failed: {err.decode(errors='replace').strip()}; check your "
+                    "ranges in /etc/subuid and /etc/subgid, or run with --idmap self"
+                )
         return
     try:
         _write_proc(pid, "setgroups", "deny")
@@ -488,11 +497,15 @@ def _kill(r: Run) -> None:
         os.waitpid(r.stage1_pid, 0)
         r.stage1_pid = 0
     if r.init_pid and not r.init_reaped:
+        # init's death kills its pid namespace, and reaping init waits for every
+        # process in it to be gone (pid_namespaces(7)); the cgroup is then empty,
+        # unless something outside the namespace joined it.
         os.kill(r.init_pid, signal.SIGKILL)
-        r.cgroup.kill()
         _, _, usage = os.wait4(r.init_pid, 0)
         r.init_reaped = True
         r.rusage = usage
+        if r.cgroup.pids():
+            r.cgroup.kill()
         log.info("the run is over; nothing of it is left")
 
 

@@ -88,6 +88,30 @@ def prepare(path: str) -> Filter:
     The warm path reads two files and hashes one; it neither parses the JSON nor
     imports pyseccomp.
     """
+    try:
+        st = os.stat(path)
+        key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _prepared:
+        return _prepared[key]
+    compiled = _prepare(path)
+    if key is not None:
+        _prepared[key] = compiled
+    return compiled
+
+
+# Filters this process already prepared, by the policy file's identity: a warm API
+# process or `sbx batch` then reads nothing per run.
+_prepared: dict = {}
+
+
+def forget_prepared() -> None:
+    """Drop the in-memory filters (the on-disk cache stays)."""
+    _prepared.clear()
+
+
+def _prepare(path: str) -> Filter:
     raw = _read_policy_bytes(path)
     host = _host_key()
     notify = notify_supported()

@@ -174,13 +174,16 @@ def test_unknown_syscall_is_a_warning(tmp_path, monkeypatch, caplog):
 
 def test_cache_is_used_and_survives_corruption(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    seccomp.forget_prepared()
     path = str(REPO / "profiles/seccomp/strict.json")
     first = seccomp.prepare(path)
     (cached,) = (tmp_path / "sbx" / "seccomp").glob("*.bpf")
     assert cached.read_bytes().endswith(first.bpf)
     assert oct(cached.stat().st_mode & 0o777) == "0o600"
+    seccomp.forget_prepared()  # the disk cache is under test, not the in-memory one
     assert seccomp.prepare(path) == first
     cached.write_bytes(b"garbage")
+    seccomp.forget_prepared()
     assert seccomp.prepare(path) == first  # recompiled and rewritten
     assert cached.read_bytes().endswith(first.bpf)
     assert not list((tmp_path / "sbx" / "seccomp").glob(".tmp-*"))
