@@ -28,10 +28,7 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
         raise UsageError("no command given")
     parsed = {}
     for key, value in options.items():
-        opt = _PARSED_KEYS.get(key)
-        if opt is not None and opt.parse is not None and isinstance(value, str):
-            value = opt.parse(value, f"--{key.replace('_', '-')}")
-        parsed[key] = value
+        parsed[key] = _check_option(key, value)
     execopts.check_paths(parsed)
     resolved = profiles.resolve(profile or "default")
     caller = (os.getuid(), os.getgid())
@@ -44,6 +41,33 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
         lowerdirs = images.image_lowerdirs(rootfs)
     layout = hostinfo.host_layout()
     return make_plan(resolved, parsed, argv, caller, layout, subids, lowerdirs)
+
+
+# Options of the API that `sbx exec` has no flag for.
+_API_ONLY = ("stdin_data", "capture")
+
+
+def _check_option(key: str, value):
+    """Parse and check one keyword option as `sbx exec` would its flag. A misspelled
+    option is an error, never a limit silently not set."""
+    opt = _PARSED_KEYS.get(key)
+    if opt is None and key not in _API_ONLY:
+        from difflib import get_close_matches
+
+        known = [*_PARSED_KEYS, *_API_ONLY]
+        guess = get_close_matches(key, known, n=1)
+        hint = f"did you mean {guess[0]!r}? " if guess else ""
+        raise UsageError(f"unknown option {key!r}; {hint}known: {', '.join(known)}")
+    if opt is None or value is None or opt.parse is None:
+        return value
+    flag = f"--{key.replace('_', '-')}"
+    if opt.repeat:
+        if key == "env" and isinstance(value, dict):
+            value = list(value.items())
+        return [opt.parse(f"{k}={v}", flag) for k, v in value]
+    if isinstance(value, bool):
+        raise UsageError(f"{flag}: expected a value, not {value!r}")
+    return opt.parse(value if isinstance(value, str) else str(value), flag)
 
 
 def _subids(caller: tuple[int, int], idmap: str) -> tuple | None:

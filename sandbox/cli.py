@@ -15,6 +15,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version"
+    ),
+) -> None:
+    """sbx: a rootless-first sandbox for untrusted code."""
+
+
 @app.command(
     "exec",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -92,7 +109,8 @@ def profile_check(path: str = typer.Argument(..., help="a profile (.toml) or an 
 
     if path.endswith(".json"):
         policy = seccomp_policy.load_policy(path)
-        typer.echo(f"{path}: valid seccomp policy ({len(policy.rules)} rules)")
+        count = len(policy.rules)
+        typer.echo(f"{path}: valid seccomp policy ({count} rule{'s' * (count != 1)})")
         return
     resolved = profiles.resolve(path)
     if "seccomp" in resolved:

@@ -69,9 +69,10 @@ def batch_main(
     import threading
 
     from . import batch
-    from .entry import setup_logging
+    from .entry import install_handler
 
-    setup_logging(verbose, False)
+    # Installed now, not on first use: the once-only filter goes on this handler.
+    install_handler(verbose, False)
     _sandboxes_in_own_process_groups()
     _log_each_warning_once()
     jobs = batch.read_jobs(jobs_file, profile)

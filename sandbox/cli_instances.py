@@ -442,8 +442,16 @@ def enter_cmd(
     """Run a command inside a running instance: sbx enter NAME -- COMMAND."""
     from . import instances
 
+    import signal
+
+    code = instances.enter(name, list(command))
+    if code == 128 + signal.SIGSYS:
+        # The instance's seccomp policy, with kill actions as kill-process: nobody
+        # reads a listener for an entered command, so the syscall cannot be named.
+        typer.echo("sbx: SV (seccomp): the command was killed by the instance's "
+                   "seccomp policy (SIGSYS)", err=True)
     # SystemExit, not typer.Exit: run_app returns its code (app() drops Exit's).
-    raise SystemExit(instances.enter(name, list(command)))
+    raise SystemExit(code)
 
 
 # --- formatting --------------------------------------------------------------------

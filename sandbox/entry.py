@@ -21,12 +21,12 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     if not verbose:
         from . import log
 
-        log.on_first_use = lambda: _install_handler(0, quiet)
+        log.on_first_use = lambda: install_handler(0, quiet)
         return
-    _install_handler(verbose, quiet)
+    install_handler(verbose, quiet)
 
 
-def _install_handler(verbose: int, quiet: bool) -> None:
+def install_handler(verbose: int, quiet: bool) -> None:
     import logging
 
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else (

@@ -49,6 +49,19 @@ def _env(text: str, what: str) -> tuple[str, str]:
     return key, value
 
 
+def _or_none(parse):
+    """A limit that may also be "none", to lift the profile's value."""
+
+    def parse_limit(text: str, what: str):
+        if text.strip().lower() in ("none", "unlimited"):
+            from .plan import UNLIMITED
+
+            return UNLIMITED
+        return parse(text, what)
+
+    return parse_limit
+
+
 OPTIONS = (
     Opt("--profile", "profile", "NAME|PATH", "profile to start from (default: default)"),
     Opt("--seccomp", "seccomp", "FILE", "OCI/Docker seccomp JSON policy instead of the profile's"),
@@ -60,20 +73,26 @@ OPTIONS = (
     Opt("--uid", "uid", "N", "uid of the payload inside (default 1000)", _id),
     Opt("--gid", "gid", "N", "gid of the payload inside (default 1000)", _id),
     Opt("--env", "env", "KEY=VALUE", "add to the payload's clean environment", _env, True),
-    Opt("--wall", "wall", "SECONDS", "wall-clock limit", parse_seconds),
-    Opt("--time", "time", "SECONDS", "CPU-time limit, summed over the whole run", parse_seconds),
-    Opt("--memory", "memory", "SIZE", "memory limit, swap off (e.g. 256M)", parse_size),
-    Opt("--pids", "pids", "N", "most tasks (processes and threads) at once", parse_count),
-    Opt("--cpus", "cpus", "FLOAT", "CPU bandwidth quota, in CPUs", _cpus),
-    Opt("--output-limit", "output_limit", "SIZE", "most bytes on stdout and on stderr each", parse_size),
-    Opt("--fsize", "fsize", "SIZE", "largest file the payload may write", parse_size),
-    Opt("--nofile", "nofile", "N", "most open files per process", parse_count),
+    Opt("--wall", "wall", "SECONDS", "wall-clock limit (none: lift the profile's)",
+        _or_none(parse_seconds)),
+    Opt("--time", "time", "SECONDS", "CPU-time limit, summed over the whole run",
+        _or_none(parse_seconds)),
+    Opt("--memory", "memory", "SIZE", "memory limit, swap off (e.g. 256M)", _or_none(parse_size)),
+    Opt("--pids", "pids", "N", "most tasks (processes and threads) at once",
+        _or_none(parse_count)),
+    Opt("--cpus", "cpus", "FLOAT", "CPU bandwidth quota, in CPUs", _or_none(_cpus)),
+    Opt("--output-limit", "output_limit", "SIZE", "most bytes on stdout and on stderr each",
+        _or_none(parse_size)),
+    Opt("--fsize", "fsize", "SIZE", "largest file the payload may write",
+        _or_none(parse_size)),
+    Opt("--nofile", "nofile", "N", "most open files per process",
+        _or_none(parse_count)),
     Opt("--tmpfs-size", "tmpfs_size", "SIZE", "size of /tmp, /box and /dev/shm each", parse_size),
     Opt("--stdin", "stdin", "FILE", "read the payload's stdin from FILE"),
     Opt("--stdout", "stdout", "FILE", "write the payload's stdout to FILE"),
     Opt("--stderr", "stderr", "FILE", "write the payload's stderr to FILE"),
     Opt("--json", "json", "", "print the result as one JSON object (output captured in it)"),
-    Opt("--result", "result", "FILE", "also write the JSON result to FILE"),
+    Opt("--result", "result", "FILE", "write the JSON result (output captured in it) to FILE"),
     Opt("--require-cgroup", "require_cgroup", "", "refuse to run without a cgroup mechanism"),
     Opt("--verbose", "verbose", "", "log each step of the run on stderr (twice: debug)"),
     Opt("--quiet", "quiet", "", "log nothing but errors"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .errors import UsageError
 from .record import record
 
 DEFAULT_UID = 1000
@@ -320,9 +321,32 @@ def payload_env(extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str
     return tuple(env.items())
 
 
+# sbx's own init and set-up are charged to the run's memory cgroup (about 3 MiB here):
+# below this, a run could not even start.
+MIN_MEMORY_BYTES = 4 << 20
+
+
+class _Unlimited:
+    """The value of a limit option given as "none": it removes the profile's limit."""
+
+    def __repr__(self) -> str:
+        return "UNLIMITED"
+
+
+UNLIMITED = _Unlimited()
+
+
 def make_limits(profile_limits: dict, options: dict) -> Limits:
-    """Profile limits overridden by command-line options (both already parsed)."""
+    """Profile limits overridden by command-line options (both already parsed); an
+    option of UNLIMITED removes the profile's limit."""
     merged = {**profile_limits, **{k: v for k, v in options.items() if v is not None}}
+    merged = {k: v for k, v in merged.items() if v is not UNLIMITED}
+    memory = merged.get("memory")
+    if memory is not None and memory < MIN_MEMORY_BYTES:
+        raise UsageError(
+            f"a memory limit of {memory} bytes is too small: sbx's own set-up is "
+            f"charged to it; use at least {MIN_MEMORY_BYTES >> 20}M"
+        )
     defaults = Limits()
     return Limits(
         wall_timeout_s=merged.get("wall"),
@@ -376,7 +400,7 @@ def make_plan(
             stdin_path=options.get("stdin"),
             stdout_path=options.get("stdout"),
             stderr_path=options.get("stderr"),
-            capture=bool(options.get("json") or options.get("capture")),
+            capture=bool(options.get("json") or options.get("result") or options.get("capture")),
             stdin_data=options.get("stdin_data"),
         ),
         seccomp_policy=options.get("seccomp") or profile.get("seccomp"),

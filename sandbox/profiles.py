@@ -115,16 +115,33 @@ def profiles_dir() -> str:
     return os.path.join(sys.prefix, "share", "sbx", "profiles")
 
 
+def user_profiles_dir() -> str:
+    """Your own named profiles: $XDG_CONFIG_HOME/sbx/profiles (~/.config/...)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
+        os.path.expanduser("~"), ".config"
+    )
+    return os.path.join(base, "sbx", "profiles")
+
+
+def _search_dirs() -> list[str]:
+    return [user_profiles_dir(), profiles_dir()]
+
+
 def list_profiles() -> list[str]:
-    names = os.listdir(profiles_dir()) if os.path.isdir(profiles_dir()) else []
-    return sorted(n[: -len(".toml")] for n in names if n.endswith(".toml"))
+    names = set()
+    for directory in _search_dirs():
+        if os.path.isdir(directory):
+            names.update(n[: -len(".toml")] for n in os.listdir(directory) if n.endswith(".toml"))
+    return sorted(names)
 
 
 def find(name_or_path: str) -> str:
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         path = name_or_path
     else:
-        path = os.path.join(profiles_dir(), f"{name_or_path}.toml")
+        # A profile of your own shadows a built-in one of the same name.
+        candidates = [os.path.join(d, f"{name_or_path}.toml") for d in _search_dirs()]
+        path = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
     if not os.path.isfile(path):
         known = ", ".join(list_profiles()) or "none"
         raise UsageError(
@@ -185,11 +202,12 @@ def _load_chain(path: str, seen: tuple = ()) -> list[tuple[str, dict]]:
     chain = [(path, data)]
     if "extends" in data:
         parent = data["extends"]
-        parent_path = (
-            os.path.realpath(os.path.join(here, parent))
-            if parent.endswith(".toml")
-            else find(parent)
-        )
+        try:
+            parent_path = (
+                find(os.path.join(here, parent)) if parent.endswith(".toml") else find(parent)
+            )
+        except UsageError as e:
+            raise UsageError(f"{path}: extends: {e}") from None
         chain = _load_chain(parent_path, (*seen, path)) + chain
     return chain
 

@@ -98,6 +98,7 @@ class Run:
     init_gone: bool = False
     root_mode: str = ""
     tree_times: tuple = (0.0, 0.0)
+    peak_rss_bytes: int = 0  # without a cgroup: the largest VmHWM seen before the kill
     rusage: object = None
 
 
@@ -276,7 +277,10 @@ def _expect(r: Run, kind: str) -> str:
             raise SandboxError(f"the sandbox did not finish setting up in {SETUP_TIMEOUT_S} s")
         if not _read_report(r):
             break
-    line = r.lines.pop(0) if r.lines else ""
+    if not r.lines:
+        why = "killed by its memory limit" if r.cgroup.oom_killed() else "it died"
+        raise SandboxError(f"the sandbox could not be set up: {why}")
+    line = r.lines.pop(0)
     if line.startswith("E "):
         raise SandboxError(f"sandbox setup failed: {line[2:]}")
     if not line.startswith(kind):
@@ -479,6 +483,7 @@ def _teardown(r: Run) -> None:
         # the kill: processes killed with the pid namespace are not reaped by
         # anything whose rusage reaches this supervisor.
         r.tree_times = procstat.tree_times(r.init_pid)
+        r.peak_rss_bytes = procstat.tree_peak_rss_bytes(r.init_pid)
     _kill(r)
     for stream in r.streams:
         while data := os.read(stream.read_fd, READ_CHUNK):
@@ -547,7 +552,9 @@ def _report(r: Run) -> result.Result:
         reason=reason,
         cpu_time_s={"user": round(user, 4), "system": round(system, 4), "total": round(total, 4)},
         wall_time_s=round(wall, 4),
-        peak_memory_bytes=peak if peak is not None else r.max_rss_kib * 1024,
+        peak_memory_bytes=peak if peak is not None else max(
+            r.max_rss_kib * 1024, r.peak_rss_bytes
+        ),
         oom_killed=oom,
         limits=_limit_report(r),
         violation={"syscall": r.violation} if r.violation else None,
@@ -558,7 +565,9 @@ def _report(r: Run) -> result.Result:
         sig = result.signal_of(r.status)
         out.signal = result.signal_name(sig) if sig else None
         out.exit_code = None if sig else result.exit_of(r.status)
-    elif r.tripped is not None:
+    elif r.tripped is not None or oom:
+        # Killed before init could report it (by sbx for a limit, or by the kernel's
+        # OOM killer): say so, and never let the exit status read as success.
         out.signal = "SIGKILL"
     for stream in r.streams:
         if stream.capture:

@@ -61,6 +61,29 @@ def tree_times(init_pid: int) -> tuple[float, float]:
     return user * _TICK_S, system * _TICK_S
 
 
+def _peak_rss_bytes(pid: int) -> int:
+    """VmHWM, the peak resident set of one live process (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_peak_rss_bytes(init_pid: int) -> int:
+    """The largest peak resident set among the live processes below init_pid."""
+    peak = 0
+    stack = _children(init_pid)
+    while stack:
+        pid = stack.pop()
+        peak = max(peak, _peak_rss_bytes(pid))
+        stack += _children(pid)
+    return peak
+
+
 def tree_cpu_s(init_pid: int) -> float:
     """Seconds of CPU used by every process below init_pid, plus what init reaped."""
     return sum(tree_times(init_pid))
