@@ -59,6 +59,8 @@ def exec_main(args: list[str]) -> int:
     except SandboxError as e:
         result = Result(verdict=IE, error=str(e))
         result.extra_exit = e.exit_code if isinstance(e, ExecError) else None
+        if options.get("json") or options.get("result"):
+            result.stdout = result.stderr = b""  # the same fields as every result
         if not options.get("quiet"):
             print(f"sbx: error: {e}", file=sys.stderr)
     _emit(result, options)
