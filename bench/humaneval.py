@@ -1,4 +1,4 @@
-"""Grade the 164 HumanEval canonical solutions three ways, in one run (issue 7, item 3):
+"""Grade the 164 HumanEval canonical solutions three ways, in one run:
 
   sbx      `sbx batch --jobs 2 --profile strict`: one warm process, forks per run
   bwrap    the same programs under `bwrap --unshare-all` (read-only /usr, the program
@@ -170,7 +170,7 @@ def report(rows: dict, total: int, jobs: int) -> int:
     sbx_rate = total / statistics.median(w for w, _ in rows["sbx"])
     holds = ok and sbx_rate >= bwrap_rate
     print(
-        f"item 3 (all passed, sbx runs/s >= bwrap's): {'holds' if holds else 'FAILS'}"
+        f"target, all passed and sbx runs/s >= bwrap's: {'met' if holds else 'not met'}"
     )
     return 0 if holds else 1
 
