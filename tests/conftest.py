@@ -65,12 +65,13 @@ class Caller:
         env.pop("XDG_DATA_HOME", None)
         return env
 
-    def run(self, args: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, args: list[str], timeout: float = 60, extra_env: dict | None = None, **kw
+    ) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        return subprocess.run(
-            self.command(args), env=self.env(), timeout=timeout, cwd="/", **kw
-        )
+        env = self.env() | (extra_env or {})
+        return subprocess.run(self.command(args), env=env, timeout=timeout, cwd="/", **kw)
 
     def popen(self, args: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(self.command(args), env=self.env(), cwd="/", **kw)

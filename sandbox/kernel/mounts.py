@@ -27,6 +27,7 @@ log = logs.getLogger(__name__)
 
 STAGING = "/tmp"
 ROOT = STAGING + "/root"
+OVERFLOW_ID = 65534  # /proc/sys/kernel/overflowuid: how an unmapped owner shows
 _COMMON = libc.MS_NOSUID | libc.MS_NODEV
 
 # statvfs flag -> mount flag. A bind mount in a user namespace keeps the flags that
@@ -97,6 +98,14 @@ def _mount_root(root: Mount, places: dict[str, str]) -> str:
     for point in ("proc", "dev", "tmp", "box"):
         os.mkdir(f"{ROOT}/upper/{point}", 0o755)
     lowers = [places.get(d, d) for d in root.source.split(":")]
+    # overlayfs shows the upper layer's root directory as the merged root: give it the
+    # image's own owner and mode, or / would belong to sbx instead of the image. (An
+    # owner not mapped here, such as host root's for an image root imported, shows as
+    # the overflow id and cannot be given: / then stays sbx's, which is writable.)
+    top = os.stat(lowers[0])
+    if top.st_uid != OVERFLOW_ID:
+        os.chown(f"{ROOT}/upper", top.st_uid, top.st_gid)
+    os.chmod(f"{ROOT}/upper", top.st_mode & 0o7777)
     options = f"lowerdir={':'.join(lowers)},upperdir={ROOT}/upper,workdir={ROOT}/work"
     try:
         libc.mount("sbx-overlay", f"{ROOT}/root", "overlay", libc.MS_NOSUID, options)
