@@ -33,6 +33,8 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
     resolved = profiles.resolve(profile or "default")
     caller = (os.getuid(), os.getgid())
     subids = _subids(caller, parsed.get("idmap") or "auto")
+    if caller[0] == 0 and subids is None and parsed.get("host_id") is None:
+        parsed["host_id"] = fresh_root_host_id()
     lowerdirs = None
     rootfs = parsed.get("rootfs") or resolved.get("rootfs", "host")
     if rootfs != "host":
@@ -44,7 +46,7 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
 
 
 # Options of the API that `sbx exec` has no flag for.
-_API_ONLY = ("stdin_data", "capture")
+_API_ONLY = ("stdin_data", "capture", "host_id")
 
 
 def _check_option(key: str, value):
@@ -68,6 +70,19 @@ def _check_option(key: str, value):
     if isinstance(value, bool):
         raise UsageError(f"{flag}: expected a value, not {value!r}")
     return opt.parse(value if isinstance(value, str) else str(value), flag)
+
+
+# Host ids for root callers' payloads when root has no subordinate range: one fresh
+# id per run, from a block no distribution gives to users or to subordinate ranges
+# (those stop at 600100000 by default), so no other process on the host owns the run's
+# user namespace. A shared id such as nobody would give every process running as
+# nobody full control of every such sandbox.
+ROOT_HOST_ID_BASE = 1_000_000_000
+ROOT_HOST_ID_SPAN = 1 << 24
+
+
+def fresh_root_host_id() -> int:
+    return ROOT_HOST_ID_BASE + int.from_bytes(os.urandom(3), "little") % ROOT_HOST_ID_SPAN
 
 
 def _subids(caller: tuple[int, int], idmap: str) -> tuple | None:

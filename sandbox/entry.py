@@ -49,6 +49,7 @@ def exec_main(args: list[str]) -> int:
         if options.get("help"):
             print(execopts.help_text())
             return 0
+        execopts.check_inherited_stdio()
         setup_logging(options.get("verbose", 0), options.get("quiet", False))
         from . import api
 
@@ -75,10 +76,22 @@ def _emit(result, options: dict) -> None:
         if options.get("json"):
             print(text, flush=True)
         if options.get("result"):
-            with open(options["result"], "w") as f:
-                f.write(text + "\n")
+            _write_result(options["result"], text + "\n")
     if result.verdict in ("TLE", "MLE", "OLE", "SV") and not options.get("quiet"):
         what = f"{result.verdict} ({result.reason})" if result.reason else result.verdict
         if result.violation:
             what += f": syscall {result.violation['syscall']}"
         print(f"sbx: {what} after {result.wall_time_s:.2f} s", file=sys.stderr)
+
+
+def _write_result(path: str, text: str) -> None:
+    """Into a new file next to it, then renamed over it: a symbolic link at `path` is
+    replaced, never written through."""
+    import os
+
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -159,18 +159,49 @@ def _command(rest: list[str]) -> list[str]:
 
 
 def check_paths(options: dict) -> None:
-    """Fail early, before anything starts, on host paths the caller cannot use."""
+    """Fail early, before anything starts, on host paths the caller cannot use, or
+    that would let the payload reach outside its sandbox."""
     box = options.get("dir")
     if box is not None:
+        if os.path.islink(box):
+            # A link there may have been planted by an earlier run's payload.
+            raise UsageError(f"--dir {box!r} is a symbolic link: give the directory itself")
         if not os.path.isdir(box):
             raise UsageError(f"--dir {box!r} is not a directory")
         if not os.access(box, os.R_OK | os.X_OK):
             raise UsageError(f"--dir {box!r} is not readable by you (uid {os.getuid()})")
-    if options.get("stdin") is not None and not os.access(options["stdin"], os.R_OK):
-        raise UsageError(f"--stdin {options['stdin']!r} cannot be read")
+    stdin = options.get("stdin")
+    if stdin is not None:
+        if not os.access(stdin, os.R_OK):
+            raise UsageError(f"--stdin {stdin!r} cannot be read")
+        if os.path.isdir(stdin):
+            # A directory as fd 0 would be a handle on the host's tree inside.
+            raise UsageError(f"--stdin {stdin!r} is a directory: give a file")
+    inside = os.path.realpath(box) + os.sep if box is not None else None
     for key in ("stdout", "stderr", "result"):
         path = options.get(key)
-        if path is not None:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UsageError(f"--{key} {path!r}: cannot write in {parent!r}")
+        if path is None:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--{key} {path!r}: cannot write in {parent!r}")
+        if inside and (os.path.realpath(parent) + os.sep).startswith(inside):
+            # The payload could plant a link there that sbx would then write through.
+            raise UsageError(
+                f"--{key} {path!r} is inside --dir, which the payload can change: "
+                "write it somewhere else"
+            )
+
+
+def check_inherited_stdio() -> None:
+    """Refuse an inherited stdin, stdout or stderr that is a directory: the payload
+    would get a handle on the host's tree."""
+    import stat
+
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{name} (fd {fd}) is a directory: give a file, pipe or terminal")

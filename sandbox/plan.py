@@ -167,6 +167,7 @@ def plan_ids(
     gid: int = DEFAULT_GID,
     subuid: tuple[int, int] | None = None,
     subgid: tuple[int, int] | None = None,
+    root_host_id: int | None = None,
 ) -> IdPlan:
     """Choose the id maps.
 
@@ -176,9 +177,9 @@ def plan_ids(
     --dir stay the caller's), and inside root, which sbx's init and setup run as, is
     the first id of the range, so the payload and sbx's own processes are different
     host users. Root: the payload must never be host root, so `uid` maps to an id of
-    root's own range, or nobody; sbx's processes switch to that id before creating
-    the namespace (a root-owned user namespace could not create files with an
-    unmapped fsuid).
+    root's own range, or a fresh unused id per run (`root_host_id`, see api.py), or
+    nobody; sbx's processes switch to that id before creating the namespace (a
+    root-owned user namespace could not create files with an unmapped fsuid).
     """
     if caller_uid != 0 and subuid and subgid:
         return IdPlan(
@@ -192,7 +193,7 @@ def plan_ids(
     if caller_uid == 0:
         # Root's own subordinate range, if it has one, gives the payload an id that
         # nothing else on the host uses; else nobody.
-        host_uid = host_gid = ROOT_CALLER_HOST_ID
+        host_uid = host_gid = root_host_id or ROOT_CALLER_HOST_ID
         if subuid and subgid and uid < subuid[1] and gid < subgid[1]:
             host_uid, host_gid = subuid[0] + uid, subgid[0] + gid
     return IdPlan(uid, gid, (IdMap(uid, host_uid, 1),), (IdMap(gid, host_gid, 1),))
@@ -380,7 +381,7 @@ def make_plan(
     uid = options.get("uid") or profile.get("uid", DEFAULT_UID)
     gid = options.get("gid") or profile.get("gid", DEFAULT_GID)
     subuid, subgid = subids if subids else (None, None)
-    ids = plan_ids(caller[0], caller[1], uid, gid, subuid, subgid)
+    ids = plan_ids(caller[0], caller[1], uid, gid, subuid, subgid, options.get("host_id"))
     box_dir = options.get("dir")
     if box_dir is not None:
         box_dir = os.path.abspath(box_dir)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from . import log as logs
 from . import child, result
-from .errors import ExecError, SandboxError, kernel_error
+from .errors import ExecError, SandboxError, UsageError, kernel_error
 from .kernel import fdpass, libc, procstat
 from .plan import Plan
 from .record import factory, record
@@ -99,6 +99,7 @@ class Run:
     root_mode: str = ""
     tree_times: tuple = (0.0, 0.0)
     peak_rss_bytes: int = 0  # without a cgroup: the largest VmHWM seen before the kill
+    to_close: list = factory(list)  # the supervisor's own fds to close at the end
     rusage: object = None
 
 
@@ -181,7 +182,12 @@ def _become_subreaper() -> None:
 
 def _start(r: Run) -> None:
     """Fork stage 1, write its id maps, adopt its init. Raises SandboxError."""
-    fds = _open_channels(r)
+    try:
+        fds = _open_channels(r)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{e.filename}: a symbolic link; sbx does not write through one")
+        raise UsageError(f"cannot open {e.filename}: {e.strerror}") from None
     me = os.getpid()
     r.started = time.monotonic()
     pid = os.fork()
@@ -256,9 +262,21 @@ def _open_output(r: Run, name: str, path: str | None, std_fd: int, child_side: l
     (its size is bounded by RLIMIT_FSIZE); capture and limits go through a pipe."""
     limit = r.plan.limits.output_max_bytes
     if path is not None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        child_side.append(fd)
-        return fd
+        # Never through a symbolic link: one in a directory a payload could write to
+        # would point sbx's write anywhere the caller may write.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        if not path.startswith("/proc/self/fd/"):  # the caller's own descriptor
+            flags |= os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o644)
+        if limit is None:
+            child_side.append(fd)
+            return fd
+        # Under an output limit, a file is written through the supervisor too.
+        read_fd, write_fd = os.pipe()
+        r.streams.append(Stream(name, read_fd, fd, False, limit))
+        r.to_close.append(fd)
+        child_side.append(write_fd)
+        return write_fd
     if not r.plan.stdio.capture and limit is None:
         return None
     read_fd, write_fd = os.pipe()
@@ -516,6 +534,7 @@ def _kill(r: Run) -> None:
 
 def _close_fds(r: Run) -> None:
     fds = [r.control_w, r.report_r, r.listener_fd] + [s.read_fd for s in r.streams]
+    fds += r.to_close
     if r.stdin_feed is not None:
         fds.append(r.stdin_feed[0])
     for fd in fds:

@@ -43,6 +43,11 @@ def create(name: str, command: list[str], options: dict) -> dict:
     (as execopts.parse returns them). Raises UsageError or InstanceError."""
     store.check_name(name)
     options = _instance_options(options)
+    if os.geteuid() == 0 and "host_id" not in options:
+        # One host id for the instance's whole life (its /box is chowned to it).
+        from ..api import fresh_root_host_id
+
+        options["host_id"] = fresh_root_host_id()
     own_box = options.get("dir") is None
     plan = _plan(command, options)  # checks every option before anything is made
     with store.locked(name, must_exist=False):
@@ -93,6 +98,8 @@ def _instance_options(options: dict) -> dict:
             value = os.path.abspath(value)
         if key == "env":
             value = [list(pair) for pair in value]
+        if repr(value) == "UNLIMITED":  # --wall none and the like, kept as text
+            value = "none"
         out[key] = value
     return out
 
