@@ -348,6 +348,10 @@ def make_limits(profile_limits: dict, options: dict) -> Limits:
             f"a memory limit of {memory} bytes is too small: sbx's own set-up is "
             f"charged to it; use at least {MIN_MEMORY_BYTES >> 20}M"
         )
+    _check_range(merged, "pids", 2, 1 << 22, "sbx's init is one of the tasks")
+    _check_range(merged, "nofile", 8, 1 << 20, "stdio, and a few for the C library")
+    _check_range(merged, "tmpfs_size", 1 << 20, 1 << 40, "in bytes")
+    _check_range(merged, "cpus", 0.01, 1024, "CPUs")
     defaults = Limits()
     return Limits(
         wall_timeout_s=merged.get("wall"),
@@ -361,6 +365,14 @@ def make_limits(profile_limits: dict, options: dict) -> Limits:
         tmpfs_size_bytes=merged.get("tmpfs_size", defaults.tmpfs_size_bytes),
         tmpfs_inodes=defaults.tmpfs_inodes,
     )
+
+
+def _check_range(limits: dict, key: str, low, high, why: str) -> None:
+    value = limits.get(key)
+    if value is not None and not low <= value <= high:
+        raise UsageError(
+            f"--{key.replace('_', '-')} {value} is out of range: use {low} to {high} ({why})"
+        )
 
 
 LIMIT_KEYS = ("wall", "time", "memory", "pids", "cpus", "output_limit", "fsize")

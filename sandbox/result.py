@@ -46,8 +46,14 @@ class Result:
         if self.verdict == IE:
             return self.extra_exit or INTERNAL_ERROR_EXIT
         if self.signal is not None:
-            return 128 + _signal.Signals[self.signal].value
-        return self.exit_code or 0
+            code = 128 + _signal.Signals[self.signal].value
+        else:
+            code = self.exit_code or 0
+        if code == 0 and self.verdict != OK:
+            # A limit sbx imposed (MLE, OLE, SV) on a payload that still exited 0, or
+            # a checker's WA: never let the exit status read as success.
+            return 128 + _signal.SIGKILL
+        return code
 
     extra_exit: int | None = None  # IE: 126 or 127 for a command that cannot run
 
@@ -58,8 +64,15 @@ class Result:
             raw = data[stream]
             if raw is None:
                 data.pop(stream)
-            else:
-                data[stream] = raw.decode("utf-8", "backslashreplace")
+                continue
+            try:
+                data[stream] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # Not text: exact bytes in base64, never an escaped look-alike.
+                import base64
+
+                data[stream] = None
+                data[f"{stream}_base64"] = base64.b64encode(raw).decode("ascii")
         return data
 
 

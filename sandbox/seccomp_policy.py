@@ -217,13 +217,11 @@ def load_policy(path: str) -> Policy:
 
 
 def read_policy_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as stream:
-            return stream.read()
-    except OSError as exc:
-        raise UsageError(
-            f"{path}: cannot read the seccomp policy: {exc.strerror}"
-        ) from None
+    """The policy file's bytes: a regular file of sane size (the checks are shared
+    with the run's own reading, in sandbox.kernel.seccomp)."""
+    from .kernel.seccomp import _read_policy_bytes
+
+    return _read_policy_bytes(path)
 
 
 def policy_from_bytes(raw: bytes, path: str) -> Policy:
@@ -231,6 +229,8 @@ def policy_from_bytes(raw: bytes, path: str) -> Policy:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to be a seccomp policy") from None
     return parse_policy(doc, path)
 
 

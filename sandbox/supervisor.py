@@ -33,6 +33,11 @@ READ_CHUNK = 65536
 _subreaper_set = False
 
 
+# Captured output is kept up to this much per stream when no --output-limit is set
+# (the rest is drained and counted, not kept), so sbx's memory stays bounded.
+CAPTURE_MAX_BYTES = 64 << 20
+
+
 @record
 class Stream:
     """One of the payload's stdout/stderr as the supervisor drains it."""
@@ -44,27 +49,42 @@ class Stream:
     limit_bytes: int | None
     size: int = 0
     chunks: list = factory(list)
+    should_stop: object = None  # set by the watch loop: checks the time limits
 
     def take(self, data: bytes) -> bool:
         """Account for data; False once the output limit is passed."""
-        room = None if self.limit_bytes is None else self.limit_bytes - self.size
+        keep = self.limit_bytes if self.limit_bytes is not None else None
+        if self.capture and keep is None:
+            keep = CAPTURE_MAX_BYTES
+        room = None if keep is None else keep - self.size
         self.size += len(data)
         if room is not None and len(data) > room:
             data = data[: max(room, 0)]
         if self.capture:
-            self.chunks.append(data)
+            if data:
+                self.chunks.append(data)
         elif self.relay_fd is not None and data:
-            _write_all(self.relay_fd, data)
+            _write_all(self.relay_fd, data, self.should_stop)
         return self.limit_bytes is None or self.size <= self.limit_bytes
 
 
-def _write_all(fd: int, data: bytes) -> None:
+PIPE_BUF = 4096  # a write of at most this much to a writable pipe never blocks
+
+
+def _write_all(fd: int, data: bytes, should_stop=None) -> None:
+    """Relay data to the caller's stdout or stderr. A slow reader must not stop sbx
+    from enforcing limits: wait for room in short steps, asking should_stop() between
+    them, and drop the rest once it says a limit has tripped."""
     view = memoryview(data)
     while view:
+        if not select.select([], [fd], [], 0.05)[1]:
+            if should_stop is not None and should_stop():
+                return
+            continue
         try:
-            view = view[os.write(fd, view) :]
+            view = view[os.write(fd, view[:PIPE_BUF]) :]
         except BlockingIOError:
-            select.select([], [fd], [])
+            continue
         except BrokenPipeError:
             return
 
@@ -100,6 +120,7 @@ class Run:
     tree_times: tuple = (0.0, 0.0)
     peak_rss_bytes: int = 0  # without a cgroup: the largest VmHWM seen before the kill
     to_close: list = factory(list)  # the supervisor's own fds to close at the end
+    ended: float = 0.0  # when the payload ended or was killed (before output drains)
     rusage: object = None
 
 
@@ -113,18 +134,22 @@ def run(plan: Plan, on_start: Callable[[int, object], None] | None = None) -> re
 
     _become_subreaper()
     cgroup = cgroups.open_run_cgroup(plan.limits, os.urandom(6).hex(), plan.require_cgroup)
-    r = Run(plan, cgroup, _prepare(plan, cgroup))
+    r = None
     try:
+        r = Run(plan, cgroup, _prepare(plan, cgroup))
         _start(r)
         if on_start is not None:
             on_start(r.init_pid, cgroup)
         with _forwarding_signals(r):
             _watch(r)
         _teardown(r)
+        if plan.box_dir:
+            _clear_setid_bits(plan.box_dir)
         return _report(r)
     finally:
-        _kill(r)
-        _close_fds(r)
+        if r is not None:
+            _kill(r)
+            _close_fds(r)
         cgroup.close()
 
 
@@ -374,7 +399,19 @@ def _watch(r: Run) -> None:
     seccomp violations, and check the wall clock and CPU time."""
     limits = r.plan.limits
     r.payload_started = time.monotonic()
-    wall_deadline = None if limits.wall_timeout_s is None else r.started + limits.wall_timeout_s
+    wall_deadline = (
+        None if limits.wall_timeout_s is None else r.payload_started + limits.wall_timeout_s
+    )
+
+    def limits_tripped() -> bool:
+        if wall_deadline is not None and time.monotonic() >= wall_deadline:
+            _trip(r, "TLE", "wall")
+        elif limits.cpu_time_s is not None and _cpu_so_far(r) >= limits.cpu_time_s:
+            _trip(r, "TLE", "cpu")
+        return r.tripped is not None
+
+    for stream in r.streams:
+        stream.should_stop = limits_tripped
     poller = select.poll()
     handlers = {r.report_r: _on_report}
     for stream in r.streams:
@@ -403,10 +440,9 @@ def _watch(r: Run) -> None:
                 listening = True
                 handlers[r.listener_fd] = _on_violation
                 poller.register(r.listener_fd, select.POLLIN)
-        if wall_deadline is not None and time.monotonic() >= wall_deadline:
-            _trip(r, "TLE", "wall")
-        elif limits.cpu_time_s is not None and _cpu_so_far(r) >= limits.cpu_time_s:
-            _trip(r, "TLE", "cpu")
+        limits_tripped()
+    for stream in r.streams:
+        stream.should_stop = None  # what is left after the run is delivered whole
 
 
 def _trip(r: Run, verdict: str, reason: str) -> None:
@@ -496,6 +532,7 @@ def _on_violation(r: Run, fd: int, events: int) -> bool:
 def _teardown(r: Run) -> None:
     """Kill what is left of the run (its init's death kills the pid namespace), reap
     it, then drain what the payload wrote before it died."""
+    r.ended = time.monotonic()
     if r.init_pid and r.cgroup.cpu_time_ns() is None:
         # Without a cgroup, the last look at the run's CPU time is from /proc, before
         # the kill: processes killed with the pid namespace are not reaped by
@@ -512,6 +549,37 @@ def _teardown(r: Run) -> None:
     while _read_report(r):
         pass
     _handle_lines(r)
+
+
+SWEEP_MAX_ENTRIES = 200_000
+
+
+def _clear_setid_bits(top: str) -> None:
+    """Clear setuid and setgid bits the payload left in --dir. nosuid keeps them inert
+    inside the sandbox, but on the host a setuid file there runs as its owner, the
+    caller. The payload is dead: nothing changes the tree while it is walked, and
+    symbolic links are never followed."""
+    import stat
+
+    seen = 0
+    for directory, dirnames, filenames in os.walk(top):
+        for name in [".", *dirnames, *filenames] if directory == top else [*dirnames, *filenames]:
+            path = os.path.join(directory, name) if name != "." else top
+            seen += 1
+            if seen > SWEEP_MAX_ENTRIES:
+                log.warning("--dir holds over %d entries; setuid bits were cleared in the "
+                            "first ones only", SWEEP_MAX_ENTRIES)
+                return
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if st.st_mode & 0o6000 and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                log.warning("cleared the setuid/setgid bits of %s, left by the payload", path)
+                try:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o6000)
+                except OSError as e:
+                    log.warning("could not clear the setuid bits of %s: %s", path, e.strerror)
 
 
 def _kill(r: Run) -> None:
@@ -552,14 +620,14 @@ def _report(r: Run) -> result.Result:
         raise SandboxError(r.error)
     if r.exec_errno is not None:
         raise ExecError(r.plan.argv[0], r.exec_errno)
-    wall = time.monotonic() - r.payload_started
+    wall = (r.ended or time.monotonic()) - r.payload_started
     usage = r.rusage
     user = max(0.0, usage.ru_utime - r.init_setup_cpu_s, r.tree_times[0])
     system = max(usage.ru_stime, r.tree_times[1])
     total = max(user + system, r.cpu_seen_s)
     cgroup_ns = r.cgroup.cpu_time_ns()
     if cgroup_ns is not None:
-        total = max(0.0, cgroup_ns / 1e9 - r.init_setup_cpu_s)
+        total = max(0.0, cgroup_ns / 1e9 - r.init_setup_cpu_s, user + system)
     oom = r.cgroup.oom_killed()
     verdict, reason = result.decide(r.status, r.tripped, oom, r.violation)
     limits = r.plan.limits

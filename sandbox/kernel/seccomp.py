@@ -132,10 +132,23 @@ def _prepare(path: str) -> Filter:
     return compiled
 
 
+MAX_POLICY_BYTES = 4 << 20  # Docker's default profile is 13 KB
+
+
 def _read_policy_bytes(path: str) -> bytes:
+    import stat
+
     try:
         with open(path, "rb") as stream:
-            return stream.read()
+            st = os.fstat(stream.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"{path}: a seccomp policy must be a regular file")
+            data = stream.read(MAX_POLICY_BYTES + 1)
+            if len(data) > MAX_POLICY_BYTES:
+                raise UsageError(
+                    f"{path}: larger than {MAX_POLICY_BYTES >> 20} MB; not a seccomp policy"
+                )
+            return data
     except OSError as exc:
         raise UsageError(
             f"{path}: cannot read the seccomp policy: {exc.strerror}"
