@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logs.getLogger(__name__)
 
 # Bump when the way a plan becomes BPF changes: old cache entries are then unused.
-COMPILER_VERSION = 2
+COMPILER_VERSION = 3
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_LOG = 1 << 1
@@ -200,8 +200,9 @@ def compile_plan(plan: FilterPlan, notify: bool) -> bytes:
 
     flt = sc.SyscallFilter(_action_value(sc, plan.default, notify))
     # Only the native ABI is in the filter; any other (i386 via int 0x80, x32
-    # numbers on x86_64, which libseccomp checks for) kills the process.
-    flt.set_attr(sc.Attr.ACT_BADARCH, RET_KILL_PROCESS)
+    # numbers on x86_64, which libseccomp checks for) is a violation of the whole run:
+    # notified like a kill action, so that a child dying of it cannot go unnoticed.
+    flt.set_attr(sc.Attr.ACT_BADARCH, RET_USER_NOTIF if notify else RET_KILL_PROCESS)
     flt.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
     if plan.log_flag:
         flt.set_attr(sc.Attr.CTL_LOG, 1)
