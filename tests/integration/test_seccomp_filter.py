@@ -152,7 +152,11 @@ def test_docker_default_profile_blocks_foreign_abis_too(caller, probe_bin):
     results = run_filtered(caller, docker_policy_for(caller),
                            [[str(probe_bin), "int80_socket"],
                             [str(probe_bin), "unshare"]])
-    assert [outcome(r) for r in results] == [f"signal {SIGSYS}", "exit 1"]
+    int80, unshare = (outcome(r) for r in results)
+    # Refused as a violation (named through the listener) or, without user
+    # notification, by SIGSYS; unshare gets Docker's own EPERM.
+    assert int80.startswith("violation socketcall") or int80 == f"signal {SIGSYS}"
+    assert unshare == "exit 1"
 
 
 # --- compiling and the cache ------------------------------------------------------
