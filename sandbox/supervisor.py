@@ -255,6 +255,13 @@ def _open_channels(r: Run) -> _Fds:
     stdin_fd = _open_stdin(r, child_side)
     stdout_fd = _open_output(r, "stdout", plan.stdio.stdout_path, 1, child_side)
     stderr_fd = _open_output(r, "stderr", plan.stdio.stderr_path, 2, child_side)
+    switch_to = plan.ids.switch_to if os.geteuid() == 0 else None
+    if switch_to is not None:
+        # Pipes made here belong to root, mode 0600: give the payload's ends to its
+        # host id, so that it can reopen them (/dev/stdout) as any program may.
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            if fd is not None and _is_pipe(fd):
+                os.fchown(fd, *switch_to)
 
     return _Fds(
         control=control_r,
@@ -265,6 +272,12 @@ def _open_channels(r: Run) -> _Fds:
         listener_sock=sock_child,
         close_in_parent=tuple(child_side),
     )
+
+
+def _is_pipe(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISFIFO(os.fstat(fd).st_mode)
 
 
 def _open_stdin(r: Run, child_side: list) -> int | None:
