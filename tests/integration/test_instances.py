@@ -264,7 +264,10 @@ def test_entered_command_joins_the_instance_cgroup(sbx, caller):
         while time.monotonic() < deadline and len(found) < len(set(dirs)):
             for directory in set(dirs):
                 for pid in Path(directory, "cgroup.procs").read_text().split():
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    try:
+                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    except OSError:
+                        continue  # a task of the cgroup that exited meanwhile
                     if cmdline == b"sleep\x003\x00":
                         found[directory] = pid
             time.sleep(0.05)
