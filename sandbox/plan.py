@@ -241,8 +241,12 @@ def host_root_mounts(
         Mount("file", "/etc/hostname", data=HOSTNAME + "\n"),
         Mount("file", "/etc/hosts", data=f"127.0.0.1 localhost {HOSTNAME}\n"),
     ]
-    mounts += dev_mounts(limits)
-    mounts.append(Mount("proc", "/proc"))
+    return tuple(mounts) + run_mounts(limits, ids, box_dir)
+
+
+def run_mounts(limits: Limits, ids: IdPlan, box_dir: str | None) -> tuple[Mount, ...]:
+    """What every root gets on top: /dev, a fresh /proc, /tmp, and /box."""
+    mounts = [*dev_mounts(limits), Mount("proc", "/proc")]
     mounts.append(scratch_tmpfs("/tmp", limits, mode=0o1777))
     if box_dir:
         mounts.append(Mount("bind", "/box", source=box_dir, readonly=False))
@@ -265,13 +269,7 @@ def image_root_mounts(
         size_bytes=limits.tmpfs_size_bytes,
         inodes=limits.tmpfs_inodes,
     )
-    mounts = [root, *dev_mounts(limits), Mount("proc", "/proc")]
-    mounts.append(scratch_tmpfs("/tmp", limits, mode=0o1777))
-    if box_dir:
-        mounts.append(Mount("bind", "/box", source=box_dir, readonly=False))
-    else:
-        mounts.append(scratch_tmpfs("/box", limits, owner=(ids.uid, ids.gid)))
-    return tuple(mounts)
+    return (root, *run_mounts(limits, ids, box_dir))
 
 
 def scratch_tmpfs(

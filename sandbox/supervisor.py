@@ -184,6 +184,12 @@ def _prepare(plan: Plan, cgroup) -> child.Prepared:
         from .kernel import seccomp
 
         seccomp_filter = seccomp.prepare(plan.seccomp_policy)
+    return child.Prepared(seccomp_filter, tuple(payload_rlimits(plan, cgroup)))
+
+
+def payload_rlimits(plan: Plan, cgroup, cpu_backstop: bool = True) -> list[tuple]:
+    """The rlimits the payload runs under (a command run with `sbx enter` gets the
+    same, without the per-process CPU backstop of a one-shot run)."""
     limits = plan.limits
     rlimits = list(cgroup.rlimits())
     if limits.nofile_max is not None:
@@ -191,11 +197,11 @@ def _prepare(plan: Plan, cgroup) -> child.Prepared:
     if limits.fsize_max_bytes is not None:
         size = limits.fsize_max_bytes
         rlimits.append((resource.RLIMIT_FSIZE, size, size))
-    if limits.cpu_time_s is not None:
+    if cpu_backstop and limits.cpu_time_s is not None:
         # A per-process backstop; the supervisor enforces the whole-run sum first.
         seconds = math.ceil(limits.cpu_time_s) + 1
         rlimits.append((resource.RLIMIT_CPU, seconds, seconds))
-    return child.Prepared(seccomp_filter, tuple(rlimits))
+    return rlimits
 
 
 def _become_subreaper() -> None:

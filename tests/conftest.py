@@ -85,30 +85,30 @@ def _test_user() -> pwd.struct_passwd:
         return pwd.getpwnam(TEST_USER)
 
 
+def _unprivileged(tree: Path) -> Caller:
+    """The suite's own user when it runs unprivileged, else the test account."""
+    me = os.geteuid()
+    if me != 0:
+        entry = pwd.getpwuid(me)
+        return Caller(entry.pw_name, me, os.getegid(), Path(entry.pw_dir), tree)
+    entry = _test_user()
+    return Caller(TEST_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), tree)
+
+
 @pytest.fixture(params=["root", "user"])
 def caller(request, sbx_tree) -> Caller:
     """Each test using this runs as root and as an unprivileged user."""
-    me = os.geteuid()
     if request.param == "root":
-        if me != 0:
+        if os.geteuid() != 0:
             pytest.skip("the root half needs the suite to run as root")
         return Caller("root", 0, 0, Path("/root"), sbx_tree)
-    if me != 0:
-        entry = pwd.getpwuid(me)
-        return Caller(entry.pw_name, me, os.getegid(), Path(entry.pw_dir), sbx_tree)
-    entry = _test_user()
-    return Caller(TEST_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), sbx_tree)
+    return _unprivileged(sbx_tree)
 
 
 @pytest.fixture
 def user_caller(sbx_tree) -> Caller:
     """Only the unprivileged caller (for checks that are about rootless runs)."""
-    me = os.geteuid()
-    if me != 0:
-        entry = pwd.getpwuid(me)
-        return Caller(entry.pw_name, me, os.getegid(), Path(entry.pw_dir), sbx_tree)
-    entry = _test_user()
-    return Caller(TEST_USER, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), sbx_tree)
+    return _unprivileged(sbx_tree)
 
 
 @pytest.fixture

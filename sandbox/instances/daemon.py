@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import select
 import signal
 import socket
@@ -269,14 +268,7 @@ def cgroup_record(cgroup) -> dict:
 def payload_rlimits(plan: Plan, cgroup) -> list[tuple[int, int, int]]:
     """The rlimits the payload runs under, as the supervisor sets them; a command
     run with `sbx enter` gets the same."""
-    limits = plan.limits
-    rlimits = list(cgroup.rlimits())
-    if limits.nofile_max is not None:
-        rlimits.append((resource.RLIMIT_NOFILE, limits.nofile_max, limits.nofile_max))
-    if limits.fsize_max_bytes is not None:
-        size = limits.fsize_max_bytes
-        rlimits.append((resource.RLIMIT_FSIZE, size, size))
-    return rlimits
+    return supervisor.payload_rlimits(plan, cgroup, cpu_backstop=False)
 
 
 def _close_all(fds: list[int]) -> None:

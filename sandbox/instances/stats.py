@@ -197,21 +197,8 @@ def _instance_pids(run: dict, dirs: dict) -> list[int]:
     while stack:
         pid = stack.pop()
         pids.append(pid)
-        stack += _children(pid)
+        stack += procstat.children(pid)
     return pids
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tids:
-        text = _read_text(f"/proc/{pid}/task/{tid}/children")
-        if text:
-            kids += [int(x) for x in text.split()]
-    return kids
 
 
 def _pss_bytes(pids: list[int]) -> int | None:

@@ -28,7 +28,8 @@ def _stat_times(pid: int) -> tuple[int, int, int, int] | None:
     return utime, stime, cutime, cstime
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids of pid's children, over all its threads (/proc/PID/task/*/children)."""
     kids: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -50,14 +51,14 @@ def tree_times(init_pid: int) -> tuple[float, float]:
     if root is None:
         return 0.0, 0.0
     user, system = root[2], root[3]
-    stack = _children(init_pid)
+    stack = children(init_pid)
     while stack:
         pid = stack.pop()
         times = _stat_times(pid)
         if times is not None:
             user += times[0] + times[2]
             system += times[1] + times[3]
-            stack += _children(pid)
+            stack += children(pid)
     return user * _TICK_S, system * _TICK_S
 
 
@@ -76,11 +77,11 @@ def _peak_rss_bytes(pid: int) -> int:
 def tree_peak_rss_bytes(init_pid: int) -> int:
     """The largest peak resident set among the live processes below init_pid."""
     peak = 0
-    stack = _children(init_pid)
+    stack = children(init_pid)
     while stack:
         pid = stack.pop()
         peak = max(peak, _peak_rss_bytes(pid))
-        stack += _children(pid)
+        stack += children(pid)
     return peak
 
 
