@@ -103,7 +103,9 @@ def profile_show(name: str = typer.Argument(..., help="profile name or path")) -
 
 
 @profile_app.command("check")
-def profile_check(path: str = typer.Argument(..., help="a profile (.toml) or an OCI seccomp policy (.json)")) -> None:
+def profile_check(
+    path: str = typer.Argument(..., help="a profile (.toml) or an OCI seccomp policy (.json)"),
+) -> None:
     """Validate a profile or a seccomp policy; errors name the file and the field."""
     from . import profiles, seccomp_policy
 
