@@ -441,6 +441,18 @@ def test_debian_minbase_runs_unprivileged_and_stays_unchanged(
         assert version.startswith("12.") and apt.startswith("apt ")
         assert written == "run"
         assert not (Path(image["lowerdirs"][0]) / "written").exists()
+        # The same through sbx itself, its overlay and its sandbox.
+        done = caller.run(
+            ["exec", "--json", "--rootfs", "bookworm", "--", "sh", "-c",
+             "cat /etc/debian_version; apt-get --version | head -n 1; echo x > /root-w"],
+            extra_env={"XDG_DATA_HOME": str(top / "data")},
+        )
+        result = json.loads(done.stdout)
+        assert result["verdict"] == "OK", result
+        version, apt = result["stdout"].splitlines()
+        assert version.startswith("12.") and apt.startswith("apt ")
+        assert result["rootfs"]["mode"] == "overlay"
+        assert not (Path(image["lowerdirs"][0]) / "root-w").exists()
         assert sbx(caller, top, "verify", "bookworm") is True
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", str(top)], capture_output=True)
