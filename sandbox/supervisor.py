@@ -143,13 +143,14 @@ def run(plan: Plan, on_start: Callable[[int, object], None] | None = None) -> re
         with _forwarding_signals(r):
             _watch(r)
         _teardown(r)
-        if plan.box_dir:
-            _clear_setid_bits(plan.box_dir)
         return _report(r)
     finally:
         if r is not None:
             _kill(r)
             _close_fds(r)
+            if plan.box_dir:
+                # Also when the run failed or was interrupted: the payload is dead.
+                _clear_setid_bits(plan.box_dir)
         cgroup.close()
 
 
