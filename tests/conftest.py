@@ -19,6 +19,27 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_USER = "sbxtest"
 
 
+def host_pids_with(mark: str, argv0: str | None = None, anywhere: bool = False) -> list[int]:
+    """Host pids whose command line carries mark as one argument (or, with anywhere,
+    anywhere in it); argv0 keeps only those whose command starts with it. Run as root,
+    the suite sees every process; sbx's own carry the payload's argv too."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        argv = raw.split(b"\0")
+        if not (mark.encode() in raw if anywhere else mark.encode() in argv):
+            continue
+        if argv0 is None or argv[0] == argv0.encode():
+            found.append(int(name))
+    return found
+
+
 def _user_can_read(user: str, path: Path) -> bool:
     probe = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
     probe += [sys.executable, "-c", f"import os; open({str(path)!r}).read()"]

@@ -33,6 +33,7 @@ import stat
 import time
 
 from ..errors import SbxError, UsageError
+from ..kernel import procstat
 
 log = logging.getLogger(__name__)
 
@@ -231,24 +232,15 @@ def boot_id() -> str:
 def process_start_ticks(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks after boot), or None
     when the process is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
+    fields = procstat.stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])  # fields[0] is field 3 of proc(5)
 
 
 def parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2 :].split()[1])
+    fields = procstat.stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def identity(pid: int) -> dict:

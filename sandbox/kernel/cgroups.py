@@ -538,6 +538,13 @@ class RunCgroup:
     def pids(self) -> list[int]:
         return []
 
+    def _kill_quietly(self) -> None:
+        """For removing a group that still has tasks: kill them, never raise."""
+        try:
+            self.kill()
+        except SandboxError:
+            pass
+
     def __enter__(self) -> RunCgroup:
         return self
 
@@ -683,12 +690,6 @@ class Cgroup2Run(RunCgroup):
         _remove_dir(self.path, self._file("cgroup.procs"), self._kill_quietly)
         self._closed = True
 
-    def _kill_quietly(self) -> None:
-        try:
-            self.kill()
-        except SandboxError:
-            pass
-
 
 class Cgroup1Run(RunCgroup):
     """One group per cgroup v1 hierarchy (memory, pids, cpu, cpuacct, freezer)."""
@@ -782,12 +783,6 @@ class Cgroup1Run(RunCgroup):
             procs = os.path.join(directory, "cgroup.procs")
             _remove_dir(directory, procs, self._kill_quietly)
         self._closed = True
-
-    def _kill_quietly(self) -> None:
-        try:
-            self.kill()
-        except SandboxError:
-            pass
 
 
 # --- applying a plan -------------------------------------------------------------

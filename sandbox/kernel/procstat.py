@@ -15,15 +15,23 @@ import os
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-def _stat_times(pid: int) -> tuple[int, int, int, int] | None:
-    """(utime, stime, cutime, cstime) ticks of one process, or None if it is gone."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat after the command name: element 0 is field 3 of proc(5) (the
+    state), element n field n + 3. None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    # Fields 14-17 of proc(5), counted from 1 with pid and comm first.
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def _stat_times(pid: int) -> tuple[int, int, int, int] | None:
+    """(utime, stime, cutime, cstime) ticks of one process, or None if it is gone."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    # Fields 14-17 of proc(5).
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return utime, stime, cutime, cstime
 

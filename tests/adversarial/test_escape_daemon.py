@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import host_pids_with
+
 # argv: TOKEN SLEEP_SECONDS. The daemon tells the main process over a pipe that it
 # is in place (new session, reparented) before the main process exits.
 DAEMONIZE = """
@@ -47,21 +49,6 @@ print("daemon session", os.read(ready_r, 32).decode(), "main", os.getpid(), flus
 
 def token() -> str:
     return f"sbx-daemon-{uuid.uuid4().hex[:12]}"
-
-
-def host_pids_with(mark: str) -> list[int]:
-    """Every host process whose command line carries mark, sbx's own included."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if mark.encode() in f.read().split(b"\0"):
-                    found.append(int(name))
-        except OSError:
-            pass
-    return found
 
 
 def kill_leftovers(mark: str) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import host_pids_with
+
 # The v1 hierarchies sbx creates run cgroups in (this host: hybrid, see DESIGN.md).
 RUN_CGROUP_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 
@@ -114,19 +116,6 @@ class DedicatedCgroups:
                         time.sleep(0.05)
 
 
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker.encode() in cmdline:
-                found.append(int(entry))
-    return found
-
-
 def test_interrupted_batch_resumes_to_exactly_one_line_per_job(caller, workdir):
     """Item 4: SIGINT halfway through 200 jobs, then a rerun."""
     marker = f"sbx-batch-marker-{uuid.uuid4().hex[:8]}"
@@ -161,7 +150,7 @@ def test_interrupted_batch_resumes_to_exactly_one_line_per_job(caller, workdir):
         assert 100 <= len(ids) < 200, "SIGINT came too late to test an interruption"
         assert len(set(ids)) == len(ids)
         # Nothing of the interrupted run remains: processes, cgroups, /box dirs, mounts.
-        assert _processes_with(marker) == []
+        assert host_pids_with(marker, anywhere=True) == []
         assert cgroups.leftovers() == ([], [])
         assert os.listdir(workdir / "tmp") == []
         assert str(workdir) not in Path("/proc/self/mountinfo").read_text()

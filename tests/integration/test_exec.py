@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import host_pids_with
+
 NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 RESULT_FIELDS = {
     "verdict",
@@ -51,24 +53,6 @@ def py(caller, code: str, *options: str, args: tuple = (), **kw):
 
 def token() -> str:
     return f"sbx-test-{uuid.uuid4().hex[:12]}"
-
-
-def host_pids_with(mark: str, argv0: str | None = None) -> list[int]:
-    """Host pids whose command line carries mark (the test runs as root: sees all).
-    sbx's own processes carry it too (the payload's argv is part of theirs); argv0
-    picks only processes whose command line starts with it."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if mark.encode() in argv and (argv0 is None or argv[0] == argv0.encode()):
-            found.append(int(name))
-    return found
 
 
 def status_ids(pid: int) -> tuple[list[int], list[int], int]:

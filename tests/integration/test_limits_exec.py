@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.conftest import host_pids_with
+
 # Allocates and touches 200 MB, one page at a time.
 HOG = (
     "b = bytearray(200 << 20)\n"
@@ -54,18 +56,6 @@ FORK_BOMB = (
 )
 
 
-def _host_processes_with(mark: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if mark.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                    found.append(int(name))
-            except OSError:
-                pass
-    return found
-
-
 def test_fork_bomb_is_contained_and_leaves_nothing(caller):
     mark = f"bomb-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
@@ -79,7 +69,7 @@ def test_fork_bomb_is_contained_and_leaves_nothing(caller):
     probe = time.monotonic()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     assert time.monotonic() - probe < 5
-    assert _host_processes_with(mark) == []
+    assert host_pids_with(mark) == []
 
 
 def test_output_limit_stops_a_program_printing_forever(caller):
