@@ -147,17 +147,15 @@ class Plan:
     box_dir: str | None = None  # host directory bound at /box, if any
     rootfs: str = "host"
 
-
-def _caller_paths(self: Plan) -> tuple[str, ...]:
-    """Host directories the sandbox binds from the caller's view (--dir, an image's
-    layers), made reachable before any credential change (see kernel/mounts.py)."""
-    paths = (self.box_dir,) if self.box_dir else ()
-    if self.mounts and self.mounts[0].kind == "root-overlay":
-        paths += tuple(self.mounts[0].source.split(":"))
-    return paths
-
-
-Plan.caller_paths = property(_caller_paths)
+    @property
+    def caller_paths(self) -> tuple[str, ...]:
+        """Host directories the sandbox binds from the caller's view (--dir, an
+        image's layers), made reachable before any credential change (see
+        kernel/mounts.py)."""
+        paths = (self.box_dir,) if self.box_dir else ()
+        if self.mounts and self.mounts[0].kind == "root-overlay":
+            paths += tuple(self.mounts[0].source.split(":"))
+        return paths
 
 
 def plan_ids(
