@@ -181,7 +181,7 @@ def phase_breakdown(count: int) -> None:
     timed(supervisor, "_prepare", "seccomp filter + rlimits")
     timed(supervisor, "_open_channels", "pipes and fds")
     timed(supervisor, "_expect", lambda r, kind: f"wait for the sandbox: {kind}")
-    timed(supervisor, "_write_id_maps", "write id maps")
+    timed(supervisor, "write_id_maps", "write id maps")
     timed(supervisor, "_watch", "watch: root, payload, exit")
     timed(supervisor, "_teardown", "teardown: kill, reap, drain")
     timed(supervisor, "_report", "report")

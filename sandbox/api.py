@@ -46,7 +46,7 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
 
 
 # Options of the API that `sbx exec` has no flag for.
-_API_ONLY = ("stdin_data", "capture", "host_id")
+_API_ONLY = ("stdin_data", "capture", "host_id", "files")
 
 
 def _check_option(key: str, value):

@@ -7,10 +7,11 @@ A jobs file is JSON Lines, one job per line:
      "stdin": "42\\n", "profile": "strict", "limits": {"wall": "2s", "memory": "256M"},
      "expected": "42\\n", "checker": "tokens"}
 
-Only `id` and `command` are required. Worker threads call the supervisor directly, so
-each run is a fork of this process: nothing is imported or parsed per run, and the
-plan of each distinct (profile, options) is resolved once and reused with only the
-command, stdin and /box swapped.
+Only `id` and `command` are required. The plan of each distinct (profile, options) is
+resolved once and reused with only the command, stdin and files swapped; each worker
+thread runs its jobs on warm sandboxes of its own (sandbox/warm.py), so a job's
+sandbox is made from one kept ready, not from scratch. A job's files are written into
+its fresh /box tmpfs (size --tmpfs-size), never to the host's disk.
 
 The results file gets one JSON line per finished job, written whole under a lock and
 fsynced. A rerun skips the ids already there; a last line cut short by a crash is
@@ -24,18 +25,16 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import api, checkers, supervisor
+from . import api, checkers, warm
 from .errors import SandboxError, UsageError
-from .plan import Mount, Plan
+from .plan import Plan
 from .record import replace
 from .result import IE, OK, Result
 
@@ -228,53 +227,24 @@ def base_plans(jobs: list[Job]) -> dict[tuple, Plan]:
     return plans
 
 
-def job_plan(base: Plan, job: Job, box_dir: str | None) -> Plan:
-    """The base plan with this job's command, stdin and /box. A job without stdin
-    reads an empty pipe, never the terminal sbx was started from."""
-    plan = replace(
+def job_plan(base: Plan, job: Job) -> Plan:
+    """The base plan with this job's command, stdin and files for /box (files given by
+    path are read now, as the caller). A job without stdin reads an empty pipe, never
+    the terminal sbx was started from. Raises OSError for a file it cannot read."""
+    files = []
+    for name, content in job.files:
+        if isinstance(content, str):
+            with open(content, "rb") as f:
+                content = f.read()
+        files.append((name, content))
+    return replace(
         base,
         argv=job.command,
         stdio=replace(
             base.stdio, stdin_data=job.stdin if job.stdin is not None else b""
         ),
+        files=tuple(files),
     )
-    if box_dir is None:
-        return plan
-    mounts = tuple(
-        Mount("bind", "/box", source=box_dir, readonly=False)
-        if m.target == "/box"
-        else m
-        for m in plan.mounts
-    )
-    return replace(plan, mounts=mounts, box_dir=box_dir)
-
-
-def make_box(job: Job) -> tuple[str, str]:
-    """A fresh host directory holding the job's files, for /box. Returns (the
-    directory to remove afterwards, the box inside it).
-
-    The outer directory is private (0700, the caller's); the box itself is writable
-    by the payload, whose host uid may differ from the caller's (a root caller's
-    payload runs as an unprivileged id). The bind is made from a descriptor the
-    supervisor opens, so the payload never needs to pass through the outer one.
-    """
-    outer = tempfile.mkdtemp(prefix="sbx-batch-")
-    box = os.path.join(outer, "box")
-    os.mkdir(box)
-    for name, content in job.files:
-        target = os.path.join(box, name)
-        parent = os.path.dirname(target)
-        if parent != box:
-            os.makedirs(parent, exist_ok=True)
-        if isinstance(content, str):
-            shutil.copyfile(content, target)
-        else:
-            with open(target, "wb") as f:
-                f.write(content)
-        os.chmod(target, 0o644)
-    for directory, subdirs, _ in os.walk(box):
-        os.chmod(directory, 0o777)
-    return outer, box
 
 
 # --- results file ------------------------------------------------------------------
@@ -446,37 +416,30 @@ class Batch:
 
     def _worker(self) -> None:
         slot = _Slot()
+        # Warm sandboxes for this worker's jobs: they die with this thread.
+        pool = warm.Pool()
         try:
             while (job := self._take()) is not None:
-                entry = self._run_job(job, slot)
+                entry = self._run_job(job, slot, pool)
                 if entry is not None:
                     self.results.append(entry)
                     self._finished.put(entry)
         finally:
+            pool.close()
             self._finished.put(None)
 
-    def _run_job(self, job: Job, slot: _Slot) -> dict | None:
+    def _run_job(self, job: Job, slot: _Slot, pool: warm.Pool) -> dict | None:
         """Run one job; its result line, or None when stop() killed it."""
-        base = self.plans[job.plan_key]
-        outer = box = None
         try:
-            if job.files:
-                outer, box = make_box(job)
-            plan = job_plan(base, job, box)
+            plan = job_plan(self.plans[job.plan_key], job)
             try:
-                result = supervisor.run(
-                    plan, on_start=lambda pid, cg: self._started(slot, pid)
-                )
+                result = pool.run(plan, on_start=lambda pid, cg: self._started(slot, pid))
             except SandboxError as e:
                 result = Result(verdict=IE, error=str(e))
         except OSError as e:
-            result = Result(
-                verdict=IE, error=f"cannot prepare /box for job {job.id!r}: {e}"
-            )
+            result = Result(verdict=IE, error=f"cannot read a file of job {job.id!r}: {e}")
         finally:
             killed = self._finish_slot(slot)
-            if outer is not None:
-                _remove_tree(outer)
         # A job still running when stop() came is not written, killed or not: a
         # Ctrl-C on a terminal may also have reached it and changed its verdict.
         if killed or self._stopping.is_set():
@@ -534,13 +497,6 @@ class Batch:
                 if len(raw) > keep:
                     data[f"{stream}_truncated_bytes"] = len(raw) - keep
         return {"id": job.id, **data, "check": check.to_dict() if check else None}
-
-
-def _remove_tree(path: str) -> None:
-    def complain(function, failed_path, exc_info) -> None:
-        log.warning("could not remove %s after its job: %s", failed_path, exc_info[1])
-
-    shutil.rmtree(path, onerror=complain)
 
 
 # --- the summary -------------------------------------------------------------------

@@ -16,15 +16,19 @@ ends in os._exit or execve.
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
+import pickle
 import resource
 import select
 import signal
 
 import _socket
 
+from .errors import SandboxError
 from .kernel import fdpass, libc, mounts, net
-from .plan import Plan
+from .plan import Plan, run_only_mounts, template_mounts
 from .record import record
 
 NAMESPACES = (
@@ -84,28 +88,174 @@ def stage1(plan: Plan, prep: Prepared, fds: ChildFds, supervisor_pid: int, cgrou
         # threads must not leak one run's pipes into another (they would hold its
         # output open until this run ends).
         _close_all_but({0, 1, 2, *_child_fds(fds)})
-        switch_to = plan.ids.switch_to if os.geteuid() == 0 else None
-        if switch_to is not None:
-            places = _leave_root(plan, switch_to)
-        # Die with the supervisor (set after any credential change, which clears it).
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != supervisor_pid:
-            os._exit(1)
-        libc.unshare(NAMESPACES)
-        _say(fds, "U")
-        _await(fds, b"M")
-        if switch_to is None:
-            places = mounts.prepare_transfers(plan.caller_paths)
-        if plan.ids.init_is_root:
-            _become_inside_root(supervisor_pid)
-        _socket.sethostname(plan.hostname)
-        net.loopback_up()
-        init_pid = os.fork()
-        if init_pid == 0:
-            stage2(plan, prep, fds, places)
-        _say(fds, f"P {init_pid}")
-        os._exit(0)
+        places = _new_user_namespace(plan, fds, supervisor_pid, NAMESPACES)
+        _start_init(plan, prep, fds, places, warm=False)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor
+        _fail(fds, e)
+
+
+def _new_user_namespace(plan: Plan, fds: ChildFds, supervisor_pid: int, flags: int):
+    """Unshare flags, a new user namespace among them, as the id that is to own it;
+    wait for the supervisor to write the id maps; bind the caller's paths. Returns
+    where they were bound."""
+    switch_to = plan.ids.switch_to if os.geteuid() == 0 else None
+    if switch_to is not None:
+        places = _leave_root(plan, switch_to)
+    # Die with the supervisor (set after any credential change, which clears it).
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor_pid:
+        os._exit(1)
+    libc.unshare(flags)
+    _say(fds, "U")
+    _await(fds, b"M")
+    if switch_to is None:
+        places = mounts.prepare_transfers(plan.caller_paths)
+    if plan.ids.init_is_root:
+        _become_inside_root(supervisor_pid)
+    return places
+
+
+def _start_init(plan: Plan, prep: Prepared, fds: ChildFds, places: dict, warm: bool):
+    """In the new namespaces: name the host, bring up loopback, fork the sandbox's
+    init, report its pid and this process's CPU time, and exit (init is adopted by the
+    supervisor, a child subreaper)."""
+    _socket.sethostname(plan.hostname)
+    net.loopback_up()
+    init_pid = os.fork()
+    if init_pid == 0:
+        stage2(plan, prep, fds, places, warm)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    _say(fds, f"P {init_pid} {own.ru_utime + own.ru_stime}")
+    os._exit(0)
+
+
+# --- warm sandboxes (sandbox/warm.py) ----------------------------------------------
+#
+#   supervisor (host)
+#     └─ zygote: its own user and mount namespaces, the plan's root built read-only
+#        │       and pivoted into, once; then forks one launcher per request
+#        └─ launcher: joins the run's cgroup, unshares the run's namespaces (mount,
+#           │         pid, network, IPC, UTS, cgroup), forks init and exits
+#           └─ stage 2 (init) mounts the run's fresh /proc, /tmp, /box and /dev/shm,
+#              then goes on exactly as in a cold run
+
+# What each warm run gets afresh. The user namespace (and so the id maps) and the
+# read-only mounts are the zygote's, shared by the runs it launches one at a time.
+RUN_NAMESPACES = NAMESPACES & ~libc.CLONE_NEWUSER
+ZYGOTE_NAMESPACES = libc.CLONE_NEWUSER | libc.CLONE_NEWNS
+MAX_LAUNCH_FDS = 16
+
+
+def zygote_main() -> None:
+    """A warm sandbox's process: `python -I -S -c ... SOCK_FD SUPERVISOR_PID`, started
+    fresh by warm.Zygote so that it is small (a fork of it copies little, and touches
+    little of what it copied). Its first message is the plan."""
+    import sys
+
+    sock_fd, supervisor_pid = int(sys.argv[1]), int(sys.argv[2])
+    sock = _socket.socket(fileno=sock_fd)
+    try:
+        message = fdpass.receive_message(sock, 0)
+        if message is None:
+            os._exit(1)
+        plan = pickle.loads(message[0])
+    except BaseException:  # noqa: BLE001
+        os._exit(1)
+    sock.detach()
+    zygote(plan, sock_fd, supervisor_pid)
+
+
+def zygote(plan: Plan, sock_fd: int, supervisor_pid: int) -> None:
+    """Build the template root of plan.warm_key and serve launch requests on sock_fd
+    until the supervisor closes it. Set-up lines (U, Z, E) go over the same socket."""
+    fds = ChildFds(sock_fd, sock_fd, None, None, None, None)
+    try:
+        # What the launches need must be imported before the pivot hides the package:
+        # stage 3 installs seccomp filters, and unpickling a plan finds their class.
+        from .kernel import seccomp  # noqa: F401
+
+        _close_all_but({0, 1, 2, sock_fd})
+        # Received descriptors must never land on 0-2, which stage 3 overwrites.
+        null = os.open("/dev/null", os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        os.close(null)
+        os.setsid()  # a Ctrl-C on the caller's terminal is for the caller to handle
+        places = _new_user_namespace(plan, fds, supervisor_pid, ZYGOTE_NAMESPACES)
+        template = template_mounts(plan.mounts)
+        mode = mounts.build_root(template, places)
+        _mount_placeholder_proc(mounts.new_root(mode) + "/proc")
+        mounts.enter_root(mode)
+        _say(fds, f"Z {mode}")
+    except BaseException as e:  # noqa: BLE001
+        _fail(fds, e)
+    try:
+        _serve(sock_fd)
+    finally:
+        os._exit(1)  # never back into the supervisor's code
+
+
+def _mount_placeholder_proc(path: str) -> None:
+    """The kernel lets a user namespace mount a new proc only where a proc is already
+    fully visible in the mount namespace (mount_too_revealing in fs/namespace.c). The
+    template keeps one at /proc, of a pid namespace that is empty once this returns;
+    each run mounts its own over it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+            inner = os.fork()
+            if inner == 0:
+                flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+                libc.mount("proc", path, "proc", flags, None)
+                os._exit(0)
+            os._exit(os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1]))
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        raise OSError("cannot mount the template's placeholder /proc")
+
+
+def _serve(sock_fd: int) -> None:
+    """One launch at a time: receive a run's plan and descriptors, fork its launcher,
+    reap it, then tell the supervisor (R) that init has been handed over to it."""
+    gc.freeze()  # what the zygote holds now stays shared with every fork
+    sock = _socket.socket(fileno=sock_fd)
+    while True:
+        message = fdpass.receive_message(sock, MAX_LAUNCH_FDS)
+        if message is None:
+            os._exit(0)
+        body, received = message
+        plan, prep, layout = pickle.loads(body)
+        fds = ChildFds(*(None if i is None else received[i] for i in layout[0]))
+        procs_fds = [received[i] for i in layout[1]]
+        pid = os.fork()
+        if pid == 0:
+            _launch(plan, prep, fds, procs_fds)
+        for fd in received:
+            if fd != fds.report:
+                os.close(fd)
+        os.waitpid(pid, 0)
+        try:
+            _say(fds, "R")
+        except OSError:
+            pass  # the supervisor gave up on this run
+        os.close(fds.report)
+
+
+def _launch(plan: Plan, prep: Prepared, fds: ChildFds, procs_fds: list[int]) -> None:
+    try:
+        _close_all_but({0, 1, 2, *_child_fds(fds), *procs_fds})
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        for fd in procs_fds:
+            try:
+                os.write(fd, b"0")
+            except OSError as e:
+                raise OSError(e.errno, f"cannot join the run's cgroup: {e.strerror}") from e
+            os.close(fd)
+        libc.unshare(RUN_NAMESPACES)
+        _start_init(plan, prep, fds, {}, warm=True)
+    except BaseException as e:  # noqa: BLE001
         _fail(fds, e)
 
 
@@ -138,7 +288,7 @@ def _leave_root(plan: Plan, switch_to: tuple[int, int]) -> dict[str, str]:
     return places
 
 
-def stage2(plan: Plan, prep: Prepared, fds: ChildFds, places: dict) -> None:
+def stage2(plan: Plan, prep: Prepared, fds: ChildFds, places: dict, warm: bool) -> None:
     """The sandbox's init. Never the payload: a payload as PID 1 would not die of the
     signals it does not handle (pid_namespaces(7))."""
     try:
@@ -150,8 +300,14 @@ def stage2(plan: Plan, prep: Prepared, fds: ChildFds, places: dict) -> None:
             os._exit(1)
         for sig in set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
             signal.signal(sig, signal.SIG_IGN)
-        root_mode = mounts.build_root(plan.mounts, places)
-        mounts.enter_root(root_mode)
+        if warm:
+            # In the zygote's root, already read-only: the run's own mounts on top.
+            mounts.apply_mounts(run_only_mounts(plan.mounts), "", {})
+            root_mode = "tmpfs"
+        else:
+            root_mode = mounts.build_root(plan.mounts, places)
+            mounts.enter_root(root_mode)
+        _place_files(plan)
         _say(fds, f"F {root_mode}")
         payload_pid = os.fork()
         if payload_pid == 0:
@@ -160,6 +316,21 @@ def stage2(plan: Plan, prep: Prepared, fds: ChildFds, places: dict) -> None:
         _reap_until(payload_pid, fds)
     except BaseException as e:  # noqa: BLE001
         _fail(fds, e)
+
+
+def _place_files(plan: Plan) -> None:
+    if not plan.files:
+        return
+    try:
+        mounts.place_files("/box", plan.files, (plan.ids.uid, plan.ids.gid))
+    except OSError as e:
+        size = sum(len(data) for _, data in plan.files)
+        if e.errno == errno.ENOSPC:
+            raise SandboxError(
+                f"the files for /box ({size} bytes) do not fit in its tmpfs of "
+                f"{plan.limits.tmpfs_size_bytes} bytes: raise --tmpfs-size"
+            ) from e
+        raise SandboxError(f"cannot place the files in /box: {e}") from e
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)

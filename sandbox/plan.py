@@ -146,6 +146,9 @@ class Plan:
     profile: str = "default"
     box_dir: str | None = None  # host directory bound at /box, if any
     rootfs: str = "host"
+    # Files written into the run's fresh /box before the payload starts: (path
+    # relative to /box, bytes), in order.
+    files: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def caller_paths(self) -> tuple[str, ...]:
@@ -156,6 +159,50 @@ class Plan:
         if self.mounts and self.mounts[0].kind == "root-overlay":
             paths += tuple(self.mounts[0].source.split(":"))
         return paths
+
+    @property
+    def warm_key(self) -> tuple | None:
+        """What a warm sandbox (sandbox/warm.py) must share with this plan to run it:
+        the id maps and the read-only part of the root. None when the plan cannot run
+        in one: an image root (its overlay upper layer is per run) or --dir (a host
+        path is bound from the caller's view, which a warm sandbox no longer has)."""
+        if self.rootfs != "host" or self.box_dir is not None:
+            return None
+        return (self.ids, template_mounts(self.mounts))
+
+
+# The mounts made afresh for each run, which a warm sandbox's template leaves as
+# empty directories: everything a payload can write to, and its /proc.
+RUN_TARGETS = ("/dev/shm", "/proc", "/tmp", "/box")
+
+
+def template_mounts(mounts: tuple[Mount, ...]) -> tuple[Mount, ...]:
+    """A warm sandbox's root: the plan's mounts with each of RUN_TARGETS left as an
+    empty directory (made where it is mounted in the plan's order)."""
+    return tuple(Mount("dir", m.target) if m.target in RUN_TARGETS else m for m in mounts)
+
+
+def run_only_mounts(mounts: tuple[Mount, ...]) -> tuple[Mount, ...]:
+    """The mounts a warm sandbox makes for each run, in the plan's order."""
+    return tuple(m for m in mounts if m.target in RUN_TARGETS)
+
+
+def check_box_files(files: object) -> tuple[tuple[str, bytes], ...]:
+    """Files for /box as (relative path, bytes) pairs, from a mapping or pairs whose
+    contents are bytes or str (UTF-8). Raises UsageError for a path that would leave
+    /box or name /box itself."""
+    pairs = files.items() if isinstance(files, dict) else files
+    checked = []
+    for name, content in pairs:
+        parts = name.split("/") if isinstance(name, str) else [""]
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise UsageError(f"file name {name!r} must be a relative path in /box")
+        if isinstance(content, str):
+            content = content.encode()
+        if not isinstance(content, (bytes, bytearray)):
+            raise UsageError(f"file {name!r}: its content must be bytes or str")
+        checked.append((name, bytes(content)))
+    return tuple(checked)
 
 
 def plan_ids(
@@ -287,7 +334,9 @@ def scratch_tmpfs(
 def dev_mounts(limits: Limits) -> list[Mount]:
     """A minimal /dev: the harmless character devices bound from the host (a user
     namespace cannot mknod), the usual symlinks, and a size-limited /dev/shm."""
-    mounts = [Mount("tmpfs", "/dev", readonly=False, size_bytes=64 << 10, inodes=64)]
+    # Read-only once populated (see kernel/mounts.py build_root): nothing in /dev is
+    # the payload's to create.
+    mounts = [Mount("tmpfs", "/dev", size_bytes=64 << 10, inodes=64)]
     mounts += [
         Mount("bind", f"/dev/{n}", source=f"/dev/{n}", readonly=False, devices=True)
         for n in DEV_NODES
@@ -393,6 +442,9 @@ def make_plan(
     box_dir = options.get("dir")
     if box_dir is not None:
         box_dir = os.path.abspath(box_dir)
+    files = check_box_files(options.get("files") or ())
+    if files and box_dir is not None:
+        raise UsageError("files and dir both fill /box: write the files into the dir")
     rootfs = options.get("rootfs") or profile.get("rootfs", "host")
     if rootfs == "host":
         mounts = host_root_mounts(layout, limits, ids, box_dir)
@@ -417,4 +469,5 @@ def make_plan(
         profile=profile.get("name", "default"),
         box_dir=box_dir,
         rootfs=rootfs,
+        files=files,
     )

@@ -24,6 +24,7 @@ from .errors import ExecError, SandboxError, UsageError, kernel_error
 from .kernel import fdpass, libc, procstat
 from .plan import Plan
 from .record import factory, record
+from .record import replace as record_replace
 
 log = logs.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Run:
     started: float = 0.0
     payload_started: float = 0.0
     init_setup_cpu_s: float = 0.0
+    launch_cpu_s: float = 0.0  # stage 1's or the launcher's, charged to the cgroup too
     status: int | None = None
     max_rss_kib: int = 0
     tripped: tuple | None = None
@@ -124,20 +126,27 @@ class Run:
     rusage: object = None
 
 
-def run(plan: Plan, on_start: Callable[[int, object], None] | None = None) -> result.Result:
+def run(
+    plan: Plan, on_start: Callable[[int, object], None] | None = None, zygote=None
+) -> result.Result:
     """Run plan's command in a fresh sandbox and return what happened.
 
     on_start(init_pid, cgroup) is called once the sandbox's init runs (instances
-    record it to enter the sandbox and read its statistics later).
+    record it to enter the sandbox and read its statistics later). With zygote (a
+    sandbox.warm.Zygote for plan.warm_key), the run's namespaces are made by forking
+    that warm sandbox instead of from scratch.
     """
     from .kernel import cgroups
 
-    _become_subreaper()
+    become_subreaper()
     cgroup = cgroups.open_run_cgroup(plan.limits, os.urandom(6).hex(), plan.require_cgroup)
     r = None
     try:
         r = Run(plan, cgroup, _prepare(plan, cgroup))
-        _start(r)
+        if zygote is None:
+            _start(r)
+        else:
+            _start_warm(r, zygote)
         if on_start is not None:
             on_start(r.init_pid, cgroup)
         with _forwarding_signals(r):
@@ -205,7 +214,7 @@ def payload_rlimits(plan: Plan, cgroup, cpu_backstop: bool = True) -> list[tuple
     return rlimits
 
 
-def _become_subreaper() -> None:
+def become_subreaper() -> None:
     global _subreaper_set
     if not _subreaper_set:
         libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
@@ -231,15 +240,54 @@ def _start(r: Run) -> None:
         os.close(fd)
 
     _expect(r, "U")
-    _write_id_maps(r.plan, pid)
+    write_id_maps(r.plan, pid)
     os.write(r.control_w, b"M")
 
-    init_line = _expect(r, "P")
-    r.init_pid = int(init_line.split()[1])
-    _, status, usage = os.wait4(pid, 0)
+    _take_init(r, _expect(r, "P"))
+    os.wait4(pid, 0)
     r.stage1_pid = 0
     os.write(r.control_w, b"A")
     log.info("sandbox init is pid %d on the host", r.init_pid)
+
+
+def _take_init(r: Run, line: str) -> None:
+    _, pid, launch_cpu_s = line.split()
+    r.init_pid, r.launch_cpu_s = int(pid), float(launch_cpu_s)
+
+
+def _start_warm(r: Run, zygote) -> None:
+    """Hand the run to a warm sandbox: it forks a launcher that joins the run's
+    cgroup and makes the run's namespaces, whose init is adopted once the launcher is
+    reaped (R). Raises SandboxError."""
+    try:
+        fds = _open_channels(r)
+    except OSError as e:
+        raise UsageError(f"cannot open {e.filename}: {e.strerror}") from None
+    # The zygote's own stdio is /dev/null: stdio the payload inherits is sent along.
+    stdio = {}
+    for name, std_fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
+        if getattr(fds, name) is None:
+            stdio[name] = _inheritable_stdio(std_fd)
+    r.to_close += [fd for fd in stdio.values() if fd is not None]
+    r.started = time.monotonic()
+    try:
+        zygote.launch(r.plan, r.prep, record_replace(fds, **stdio), r.cgroup.procs_fds())
+    finally:
+        for fd in fds.close_in_parent:
+            os.close(fd)
+    _take_init(r, _expect(r, "P"))
+    _expect(r, "R")
+    os.write(r.control_w, b"A")
+    log.info("sandbox init is pid %d on the host (warm)", r.init_pid)
+
+
+def _inheritable_stdio(std_fd: int) -> int:
+    """A duplicate of one of sbx's own stdio descriptors, or /dev/null if it is
+    closed."""
+    try:
+        return os.dup(std_fd)
+    except OSError:
+        return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
 
 @record
@@ -361,7 +409,7 @@ def _read_report(r: Run) -> bool:
     return True
 
 
-def _write_id_maps(plan: Plan, pid: int) -> None:
+def write_id_maps(plan: Plan, pid: int) -> None:
     """Write the child's uid and gid maps (user_namespaces(7), "Defining user and group
     ID mappings"). An unprivileged writer must first deny setgroups for gid_map."""
     ids = plan.ids
@@ -474,7 +522,7 @@ def _trip(r: Run, verdict: str, reason: str) -> None:
 def _cpu_so_far(r: Run) -> float:
     cgroup_ns = r.cgroup.cpu_time_ns()
     if cgroup_ns is not None:
-        r.cpu_seen_s = cgroup_ns / 1e9 - r.init_setup_cpu_s
+        r.cpu_seen_s = cgroup_ns / 1e9 - r.init_setup_cpu_s - r.launch_cpu_s
     else:
         r.cpu_seen_s = procstat.tree_cpu_s(r.init_pid)
     return r.cpu_seen_s
@@ -647,7 +695,8 @@ def _report(r: Run) -> result.Result:
     total = max(user + system, r.cpu_seen_s)
     cgroup_ns = r.cgroup.cpu_time_ns()
     if cgroup_ns is not None:
-        total = max(0.0, cgroup_ns / 1e9 - r.init_setup_cpu_s, user + system)
+        setup_s = r.init_setup_cpu_s + r.launch_cpu_s
+        total = max(0.0, cgroup_ns / 1e9 - setup_s, user + system)
     oom = r.cgroup.oom_killed()
     verdict, reason = result.decide(r.status, r.tripped, oom, r.violation)
     limits = r.plan.limits

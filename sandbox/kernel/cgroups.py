@@ -517,6 +517,12 @@ class RunCgroup:
         before it unshares. Async-signal-safe enough for a child of a threaded
         parent: only write(2) on fds opened beforehand."""
 
+    def procs_fds(self) -> list[int]:
+        """Open cgroup.procs files of the run's cgroup(s): a process outside this one
+        (a warm sandbox's run, sandbox/warm.py) joins by writing "0" to each. The
+        kernel checks the opener's credentials, not the writer's."""
+        return []
+
     def rlimits(self) -> list[tuple[int, int, int]]:
         return list(self._rlimits)
 
@@ -655,6 +661,9 @@ class Cgroup2Run(RunCgroup):
                 _explain_v2_errno(e.errno, self.path),
             ) from e
 
+    def procs_fds(self) -> list[int]:
+        return [] if self._procs_fd is None else [self._procs_fd]
+
     def cpu_time_ns(self) -> int | None:
         usec = _read_key(self._file("cpu.stat"), "usage_usec")
         return None if usec is None else usec * 1000
@@ -717,6 +726,9 @@ class Cgroup1Run(RunCgroup):
             except OSError as e:
                 call = f"write '0' to {directory}/cgroup.procs"
                 raise kernel_error(call, e.errno) from e
+
+    def procs_fds(self) -> list[int]:
+        return list(self._procs_fds)
 
     def cpu_time_ns(self) -> int | None:
         path = self._file("cpuacct", "cpuacct.usage")

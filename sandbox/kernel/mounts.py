@@ -68,14 +68,53 @@ def build_root(mounts: Sequence[Mount], places: dict[str, str]) -> str:
     root, rest = mounts[0], mounts[1:]
     mode = _mount_root(root, places)
     top = new_root(mode)
+    apply_mounts(rest, top, places)
+    # Read-only tmpfs mounts (/dev) are filled first, then frozen.
     for m in rest:
+        if m.kind == "tmpfs" and m.readonly:
+            _remount_readonly(top + m.target)
+    if mode == "tmpfs":
+        _remount_readonly(top)
+    return mode
+
+
+def apply_mounts(steps: Sequence[Mount], top: str, places: dict[str, str]) -> None:
+    """Apply mount steps under top ("" for the current root)."""
+    for m in steps:
         try:
             _apply(m, top + m.target, places)
         except OSError as e:
             raise SandboxError(f"cannot set up {m.target} ({m.kind}): {e}") from e
-    if mode == "tmpfs":
-        libc.mount(None, top, None, libc.MS_REMOUNT | libc.MS_RDONLY | _COMMON, None)
-    return mode
+
+
+def _remount_readonly(path: str) -> None:
+    libc.mount(None, path, None, libc.MS_REMOUNT | libc.MS_RDONLY | _COMMON, None)
+
+
+def place_files(directory: str, files: Sequence[tuple[str, bytes]], owner: tuple) -> None:
+    """Write the run's files under directory (its fresh /box), owned by the payload.
+    Paths were checked to stay below it (plan.check_box_files); nothing there can be
+    a symbolic link yet, as the payload has not run."""
+    for name, data in files:
+        path = f"{directory}/{name}"
+        parent = os.path.dirname(path)
+        if parent != directory and not os.path.isdir(parent):
+            os.makedirs(parent, 0o755)
+            for sub in _dirs_between(directory, parent):
+                os.chown(sub, *owner)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+
+
+def _dirs_between(top: str, below: str) -> list[str]:
+    parts = below[len(top) + 1 :].split("/")
+    return [f"{top}/{'/'.join(parts[: n + 1])}" for n in range(len(parts))]
 
 
 def new_root(mode: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -82,23 +83,27 @@ def test_duplicate_ids_name_both_lines(tmp_path):
         batch.read_jobs(str(path))
 
 
-def test_job_plan_swaps_command_stdin_and_box():
+def test_job_plan_swaps_command_stdin_and_files(tmp_path):
     layout = HostLayout(
         symlinks={"bin": "usr/bin"}, dirs=frozenset({"usr"}), etc=frozenset()
     )
     base = make_plan(
         {"name": "default"}, {"capture": True}, ["/bin/true"], (0, 0), layout
     )
+    (tmp_path / "in.txt").write_bytes(b"from disk")
     job = _job(stdin="in")
-    plan = batch.job_plan(base, job, "/tmp/box")
+    job = dataclasses.replace(
+        job, files=(("a/b.py", b"inline"), ("in.txt", str(tmp_path / "in.txt")))
+    )
+    plan = batch.job_plan(base, job)
     assert plan.argv == ("true",) and plan.stdio.stdin_data == b"in"
-    assert plan.stdio.capture and plan.box_dir == "/tmp/box"
-    box = [m for m in plan.mounts if m.target == "/box"]
-    assert len(box) == 1 and box[0].kind == "bind" and box[0].source == "/tmp/box"
-    assert [m.target for m in plan.mounts] == [m.target for m in base.mounts]
+    assert plan.files == (("a/b.py", b"inline"), ("in.txt", b"from disk"))
+    # The rest of the plan is the base's: /box stays a fresh tmpfs, and the plan can
+    # run in the same warm sandbox as the base.
+    assert plan.stdio.capture and plan.box_dir is None and plan.mounts == base.mounts
+    assert plan.warm_key == base.warm_key is not None
     # No stdin given: an empty pipe, never the caller's terminal.
-    assert batch.job_plan(base, _job(), None).stdio.stdin_data == b""
-    assert batch.job_plan(base, _job(), None).mounts == base.mounts
+    assert batch.job_plan(base, _job()).stdio.stdin_data == b""
     assert base.limits == Limits()
 
 
