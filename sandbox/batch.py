@@ -393,12 +393,16 @@ class Batch:
                 self._kill_running()
                 killed = True
             try:
-                entry = self._finished.get(timeout=0.1)
+                done = self._finished.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if entry is None:
+            if done is None:
                 alive -= 1
                 continue
+            # Checked, written and counted here, while the worker already runs its
+            # next job: the sandboxes never wait for the bookkeeping.
+            entry = self._entry(*done)
+            self.results.append(entry)
             self.summary.add(entry)
             if on_result is not None:
                 on_result(entry, self.summary)
@@ -420,16 +424,15 @@ class Batch:
         pool = warm.Pool()
         try:
             while (job := self._take()) is not None:
-                entry = self._run_job(job, slot, pool)
-                if entry is not None:
-                    self.results.append(entry)
-                    self._finished.put(entry)
+                result = self._run_job(job, slot, pool)
+                if result is not None:
+                    self._finished.put((job, result))
         finally:
             pool.close()
             self._finished.put(None)
 
-    def _run_job(self, job: Job, slot: _Slot, pool: warm.Pool) -> dict | None:
-        """Run one job; its result line, or None when stop() killed it."""
+    def _run_job(self, job: Job, slot: _Slot, pool: warm.Pool) -> Result | None:
+        """Run one job; its result, or None when stop() killed it."""
         try:
             plan = job_plan(self.plans[job.plan_key], job)
             try:
@@ -444,7 +447,7 @@ class Batch:
         # Ctrl-C on a terminal may also have reached it and changed its verdict.
         if killed or self._stopping.is_set():
             return None
-        return self._entry(job, result)
+        return result
 
     def _started(self, slot: _Slot, init_pid: int) -> None:
         with self._slots_lock:

@@ -146,47 +146,40 @@ ZYGOTE_NAMESPACES = libc.CLONE_NEWUSER | libc.CLONE_NEWNS
 MAX_LAUNCH_FDS = 16
 
 
-def zygote_main() -> None:
-    """A warm sandbox's process: `python -I -S -c ... SOCK_FD SUPERVISOR_PID`, started
-    fresh by warm.Zygote so that it is small (a fork of it copies little, and touches
-    little of what it copied). Its first message is the plan."""
-    import sys
-
-    sock_fd, supervisor_pid = int(sys.argv[1]), int(sys.argv[2])
-    sock = _socket.socket(fileno=sock_fd)
-    try:
-        message = fdpass.receive_message(sock, 0)
-        if message is None:
-            os._exit(1)
-        plan = pickle.loads(message[0])
-    except BaseException:  # noqa: BLE001
-        os._exit(1)
-    sock.detach()
-    zygote(plan, sock_fd, supervisor_pid)
-
-
-def zygote(plan: Plan, sock_fd: int, supervisor_pid: int) -> None:
+def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher: str | None) -> None:
     """Build the template root of plan.warm_key and serve launch requests on sock_fd
-    until the supervisor closes it. Set-up lines (U, Z, E) go over the same socket."""
+    until the supervisor closes it: with the C launcher (the compiled launcher.c, see
+    kernel/native.py) by exec'ing it, else in Python. Set-up lines (U, Z, E) go over
+    the same socket."""
     fds = ChildFds(sock_fd, sock_fd, None, None, None, None)
     try:
+        # Opened now: after the pivot, only the template's root is reachable.
+        launcher_fd = None if launcher is None else os.open(launcher, os.O_RDONLY)
+        keep = {0, 1, 2, sock_fd} | ({launcher_fd} if launcher_fd is not None else set())
         # What the launches need must be imported before the pivot hides the package:
         # stage 3 installs seccomp filters, and unpickling a plan finds their class.
         from .kernel import seccomp  # noqa: F401
 
-        _close_all_but({0, 1, 2, sock_fd})
+        _close_all_but(keep)
         # Received descriptors must never land on 0-2, which stage 3 overwrites.
         null = os.open("/dev/null", os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(null, target)
         os.close(null)
-        os.setsid()  # a Ctrl-C on the caller's terminal is for the caller to handle
+        if os.getpgid(0) != os.getpid():
+            # A Ctrl-C on the caller's terminal is for the caller to handle.
+            os.setsid()
         places = _new_user_namespace(plan, fds, supervisor_pid, ZYGOTE_NAMESPACES)
         template = template_mounts(plan.mounts)
         mode = mounts.build_root(template, places)
         _mount_placeholder_proc(mounts.new_root(mode) + "/proc")
         mounts.enter_root(mode)
-        _say(fds, f"Z {mode}")
+        if launcher_fd is not None:
+            libc.keep_capabilities_across_exec()
+            os.set_inheritable(sock_fd, True)
+            _say(fds, f"Z {mode} native")
+            os.execve(launcher_fd, ["sbx-launcher", str(sock_fd)], {})
+        _say(fds, f"Z {mode} python")
     except BaseException as e:  # noqa: BLE001
         _fail(fds, e)
     try:
@@ -218,7 +211,7 @@ def _mount_placeholder_proc(path: str) -> None:
 
 def _serve(sock_fd: int) -> None:
     """One launch at a time: receive a run's plan and descriptors, fork its launcher,
-    reap it, then tell the supervisor (R) that init has been handed over to it."""
+    reap it, then tell the supervisor (R, on the socket) that init is now its child."""
     gc.freeze()  # what the zygote holds now stays shared with every fork
     sock = _socket.socket(fileno=sock_fd)
     while True:
@@ -233,14 +226,9 @@ def _serve(sock_fd: int) -> None:
         if pid == 0:
             _launch(plan, prep, fds, procs_fds)
         for fd in received:
-            if fd != fds.report:
-                os.close(fd)
+            os.close(fd)
         os.waitpid(pid, 0)
-        try:
-            _say(fds, "R")
-        except OSError:
-            pass  # the supervisor gave up on this run
-        os.close(fds.report)
+        os.write(sock_fd, b"R\n")
 
 
 def _launch(plan: Plan, prep: Prepared, fds: ChildFds, procs_fds: list[int]) -> None:
@@ -443,16 +431,19 @@ def _install_seccomp(prep: Prepared, fds: ChildFds) -> None:
         os.close(listener)
 
 
-def _exec(plan: Plan, fds: ChildFds) -> None:
-    env = dict(plan.env)
+def exec_candidates(plan: Plan) -> list[str]:
+    """Where execvp would look for the command, in order (PATH is the payload's)."""
     command = plan.argv[0]
     if "/" in command:
-        candidates = [command]
-    else:
-        path = env.get("PATH", "").split(":")
-        candidates = [os.path.join(d or ".", command) for d in path]
+        return [command]
+    path = dict(plan.env).get("PATH", "").split(":")
+    return [os.path.join(d or ".", command) for d in path]
+
+
+def _exec(plan: Plan, fds: ChildFds) -> None:
+    env = dict(plan.env)
     error = 2  # ENOENT
-    for candidate in candidates:
+    for candidate in exec_candidates(plan):
         try:
             os.execve(candidate, plan.argv, env)
         except OSError as e:

@@ -10,9 +10,58 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "exec":
         return exec_main(args[1:])
+    if args and args[0] == "batch":
+        parsed = _batch_args(args[1:])
+        if parsed is not None:
+            from .cli_batch import batch_main
+            from .errors import SbxError
+
+            try:
+                return batch_main(*parsed)
+            except SbxError as e:
+                print(f"sbx: error: {e}", file=sys.stderr)
+                return e.exit_code
     from .cli import run_app
 
     return run_app(args)
+
+
+_BATCH_VALUES = {"--out": "out", "-o": "out", "--jobs": "jobs", "-j": "jobs",
+                 "--profile": "profile", "--keep-output": "keep_output"}
+
+
+def _batch_args(args: list[str]) -> tuple | None:
+    """`sbx batch` arguments as cli_batch.batch_main takes them, parsed without
+    typer (whose import costs a grading pipeline on every start); None for anything
+    else (--help, a mistake), which the typer app then handles and explains."""
+    import os
+
+    values: dict = {"jobs": str(os.cpu_count() or 1), "keep_output": "4096"}
+    positional, quiet, verbose = [], False, 0
+    items = iter(args)
+    for arg in items:
+        name, eq, inline = arg.partition("=")
+        if name in _BATCH_VALUES:
+            value = inline if eq else next(items, None)
+            if value is None:
+                return None
+            values[_BATCH_VALUES[name]] = value
+        elif arg in ("--quiet", "-q"):
+            quiet = True
+        elif arg in ("--verbose", "-v", "-vv"):
+            verbose += len(arg) - 1 if arg.startswith("-v") else 1
+        elif arg.startswith("-") and arg != "-":
+            return None
+        else:
+            positional.append(arg)
+    if len(positional) != 1 or "out" not in values:
+        return None
+    try:
+        workers, keep = int(values["jobs"]), int(values["keep_output"])
+    except ValueError:
+        return None
+    return (positional[0], values["out"], workers, values.get("profile"), keep, quiet,
+            verbose)
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

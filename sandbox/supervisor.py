@@ -139,7 +139,9 @@ def run(
     from .kernel import cgroups
 
     become_subreaper()
-    cgroup = cgroups.open_run_cgroup(plan.limits, os.urandom(6).hex(), plan.require_cgroup)
+    facts = zygote.cgroup_facts if zygote is not None else None
+    run_id = os.urandom(6).hex()
+    cgroup = cgroups.open_run_cgroup(plan.limits, run_id, plan.require_cgroup, facts)
     r = None
     try:
         r = Run(plan, cgroup, _prepare(plan, cgroup))
@@ -256,9 +258,9 @@ def _take_init(r: Run, line: str) -> None:
 
 
 def _start_warm(r: Run, zygote) -> None:
-    """Hand the run to a warm sandbox: it forks a launcher that joins the run's
-    cgroup and makes the run's namespaces, whose init is adopted once the launcher is
-    reaped (R). Raises SandboxError."""
+    """Hand the run to a warm sandbox: its launcher joins the run's cgroup and makes
+    the run's namespaces; init is adopted by this process once the zygote has reaped
+    the launcher. Raises SandboxError."""
     try:
         fds = _open_channels(r)
     except OSError as e:
@@ -276,7 +278,7 @@ def _start_warm(r: Run, zygote) -> None:
         for fd in fds.close_in_parent:
             os.close(fd)
     _take_init(r, _expect(r, "P"))
-    _expect(r, "R")
+    zygote.wait_handed_over()
     os.write(r.control_w, b"A")
     log.info("sandbox init is pid %d on the host (warm)", r.init_pid)
 
@@ -471,11 +473,18 @@ def _watch(r: Run) -> None:
         None if limits.wall_timeout_s is None else r.payload_started + limits.wall_timeout_s
     )
 
+    cpu_checked = [0.0]
+
     def limits_tripped() -> bool:
-        if wall_deadline is not None and time.monotonic() >= wall_deadline:
+        now = time.monotonic()
+        if wall_deadline is not None and now >= wall_deadline:
             _trip(r, "TLE", "wall")
-        elif limits.cpu_time_s is not None and _cpu_so_far(r) >= limits.cpu_time_s:
-            _trip(r, "TLE", "cpu")
+        elif limits.cpu_time_s is not None and now - cpu_checked[0] >= CPU_POLL_S:
+            # Reading the run's CPU time costs a walk of /proc without a cgroup:
+            # once per CPU_POLL_S, however often output or messages wake this loop.
+            cpu_checked[0] = now
+            if _cpu_so_far(r) >= limits.cpu_time_s:
+                _trip(r, "TLE", "cpu")
         return r.tripped is not None
 
     for stream in r.streams:

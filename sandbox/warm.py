@@ -17,19 +17,20 @@ run warm (an image root, --dir) run cold. The API's `Runner` and `sbx batch` use
 from __future__ import annotations
 
 import _socket
+import functools
 import os
 import pickle
 import select
-import subprocess
-import sys
+import signal
+import struct
 import threading
 import time
 
 from . import child, supervisor
 from . import log as logs
 from .errors import ExecError, SandboxError
-from .kernel import fdpass
-from .plan import Plan
+from .kernel import cgroups, fdpass, libc, mounts, native
+from .plan import Plan, run_only_mounts
 from .result import Result
 
 log = logs.getLogger(__name__)
@@ -46,28 +47,25 @@ class Zygote:
         self.key = plan.warm_key
         if self.key is None:
             raise ValueError("this plan cannot run in a warm sandbox")
+        # What this host's cgroups offer, read once for all the zygote's runs.
+        self.cgroup_facts = cgroups.read_facts()
         supervisor.become_subreaper()
+        launcher = native.launcher_path()
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        try:
-            self._process = subprocess.Popen(
-                _zygote_command(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=None if os.environ.get("SBX_DEBUG_CHILD") else subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-        self.pid = self._process.pid
+        me = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            child.zygote(plan, theirs.detach(), me, launcher)
+        theirs.close()
         self._sock = ours
         self._lines: list[str] = []
         self._partial = b""
         try:
-            fdpass.send_message(ours, pickle.dumps(plan, protocol=5), [])
             self._expect("U")
             supervisor.write_id_maps(plan, self.pid)
             self._sock.sendall(b"M")
-            self.mode = self._expect("Z").split()[1]
+            _, self.mode, kind = self._expect("Z").split()
+            self.native = kind == "native"
         except BaseException:
             self.close()
             raise
@@ -84,21 +82,32 @@ class Zygote:
             if fd is not None:
                 sent.append(fd)
         procs = list(range(len(sent), len(sent) + len(procs_fds)))
-        body = pickle.dumps((plan, prep, (tuple(layout), procs)), protocol=5)
+        if self.native:
+            body = native_spec(plan, prep, layout, procs)
+        else:
+            body = pickle.dumps((plan, prep, (tuple(layout), procs)), protocol=5)
         try:
             fdpass.send_message(self._sock, body, sent + list(procs_fds))
         except OSError as e:
             raise SandboxError(f"the warm sandbox is gone ({e.strerror})") from e
 
+    def wait_handed_over(self) -> None:
+        """Wait until the zygote has reaped the run's launcher: the run's init is then
+        this process's child (it is a child subreaper), and may arm its death signal."""
+        self._expect("R")
+
     def alive(self) -> bool:
-        return self.pid != 0 and self._process.poll() is None
+        return self.pid != 0 and os.waitpid(self.pid, os.WNOHANG) == (0, 0)
 
     def close(self) -> None:
         """Kill the zygote; a launcher it is running dies with it. Runs already
         launched belong to their supervisor, which kills them."""
         if self.pid:
-            self._process.kill()
-            self._process.wait()
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass  # reaped already: alive() saw it die
             self.pid = 0
         self._sock.close()
 
@@ -124,12 +133,68 @@ class Zygote:
         return line
 
 
-def _zygote_command(sock_fd: int) -> list[str]:
-    """A fresh interpreter that imports only what a warm sandbox runs (no site
-    packages, no environment): the package's own directory goes first on its path."""
-    top = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))
-    code = f"import sys; sys.path.insert(0, {top!r}); from sandbox import child; child.zygote_main()"
-    return [sys.executable, "-I", "-S", "-c", code, str(sock_fd), str(os.getpid())]
+def native_spec(plan: Plan, prep: child.Prepared, layout: list, procs: list) -> bytes:
+    """One run for launcher.c, in the order its parse() reads: descriptor indices,
+    the hostname, the run's mounts, the files for /box, the payload's ids, cwd, argv,
+    environment and exec candidates, its rlimits, the seccomp program (and the one to
+    load where a listener cannot be had), and the signals init forwards."""
+    out = bytearray()
+
+    def number(value: int, fmt: str = "<I") -> None:
+        out.extend(struct.pack(fmt, value))
+
+    def text(value: str | bytes) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        number(len(data))
+        out.extend(data)
+
+    for index in (*layout, len(procs)):
+        number(-1 if index is None else index, "<i")
+    for index in procs:
+        number(index, "<i")
+    text(plan.hostname)
+    steps = run_only_mounts(plan.mounts)
+    number(len(steps))
+    for m in steps:
+        source, fstype, flags, data = mounts.filesystem_mount(m)
+        text(source), text(m.target), text(fstype), number(flags), text(data)
+    number(plan.ids.uid), number(plan.ids.gid), number(len(plan.files))
+    for name, data in plan.files:
+        text(f"/box/{name}"), text(data)
+    number(plan.ids.uid), number(plan.ids.gid), number(int(plan.ids.use_helpers))
+    text(plan.cwd)
+    candidates = child.exec_candidates(plan)
+    env = [f"{key}={value}" for key, value in plan.env]
+    for items in (plan.argv, env, candidates):
+        number(len(items))
+        for item in items:
+            text(item)
+    number(len(prep.rlimits))
+    for resource_id, soft, hard in prep.rlimits:
+        number(resource_id), number(soft & _U64, "<Q"), number(hard & _U64, "<Q")
+    bpf = prep.seccomp_filter
+    text(b"" if bpf is None else bpf.bpf)
+    text(b"" if bpf is None or not bpf.notify else _without_notify(bpf).bpf)
+    number(int(bpf is not None and bpf.notify)), number(_last_cap())
+    number(len(child.FORWARDED))
+    for sig in child.FORWARDED:
+        number(int(sig))
+    return bytes(out)
+
+
+_U64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=16)
+def _without_notify(f):
+    from .kernel import seccomp
+
+    return seccomp.without_notify(f)
+
+
+@functools.lru_cache(maxsize=1)
+def _last_cap() -> int:
+    return libc.last_cap()
 
 
 class Pool:
@@ -138,12 +203,16 @@ class Pool:
     first need in the calling thread and kept for that thread's later runs."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple, dict[int, Zygote]] = {}  # key -> thread id -> zygote
+        self._idle: dict[int, dict[int, Zygote]] = {}  # key -> thread id -> zygote
         self._lock = threading.Lock()
         self._closed = False
+        # Plans made from one base share its mounts tuple: a plan's warm_key (a walk
+        # over every mount) is worked out and numbered once per tuple, not per run.
+        self._keys: dict[int, tuple] = {}  # id(mounts) -> (mounts, ids, number)
+        self._numbers: dict[tuple, int] = {}  # warm_key -> number
 
     def run(self, plan: Plan, on_start=None) -> Result:
-        key = plan.warm_key
+        key = self._warm_key(plan)
         if key is None:
             return supervisor.run(plan, on_start)
         zygote = self._take(key)
@@ -163,6 +232,18 @@ class Pool:
             else:
                 zygote.close()
 
+    def _warm_key(self, plan: Plan) -> int | None:
+        """A number standing for plan.warm_key, or None for a plan that runs cold."""
+        if plan.rootfs != "host" or plan.box_dir is not None:
+            return None
+        with self._lock:
+            known = self._keys.get(id(plan.mounts))
+            if known is None or known[0] is not plan.mounts or known[1] is not plan.ids:
+                number = self._numbers.setdefault(plan.warm_key, len(self._numbers))
+                known = (plan.mounts, plan.ids, number)
+                self._keys[id(plan.mounts)] = known
+            return known[2]
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -171,7 +252,7 @@ class Pool:
         for zygote in zygotes:
             zygote.close()
 
-    def _take(self, key: tuple) -> Zygote | None:
+    def _take(self, key: int) -> Zygote | None:
         with self._lock:
             zygote = self._idle.get(key, {}).pop(threading.get_ident(), None)
         if zygote is not None and not zygote.alive():
@@ -181,7 +262,7 @@ class Pool:
             return None
         return zygote
 
-    def _put(self, key: tuple, zygote: Zygote) -> None:
+    def _put(self, key: int, zygote: Zygote) -> None:
         with self._lock:
             if not self._closed:
                 old = self._idle.setdefault(key, {}).setdefault(threading.get_ident(), zygote)

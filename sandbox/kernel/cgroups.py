@@ -966,14 +966,18 @@ def _open_cgroup1(plan: MechanismPlan, facts: CgroupFacts, limits, run_id: str):
     return run
 
 
-def open_run_cgroup(limits: Limits, run_id: str, require_cgroup: bool) -> RunCgroup:
+def open_run_cgroup(
+    limits: Limits, run_id: str, require_cgroup: bool, facts: CgroupFacts | None = None
+) -> RunCgroup:
     """Create the run's cgroup with the best mechanism this host offers, or return
-    the rlimit fallback (every weakened limit logged as a WARNING).
+    the rlimit fallback (every weakened limit logged as a WARNING). facts: what
+    read_facts() returned, for a caller that runs many sandboxes in a row.
 
     Raises SandboxError when `require_cgroup` cannot be met, or when a cgroup this
     process was able to create cannot be set up.
     """
-    facts = read_facts()
+    if facts is None:
+        facts = read_facts()
     plan = plan_mechanisms(facts, limits, require_cgroup)
     if plan.backend == "cgroup2" and plan.refusal is None:
         try:

@@ -43,11 +43,14 @@ PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "capset": 126, "setns": 308, "pidfd_open": 434},
-    "aarch64": {"pivot_root": 41, "capset": 91, "setns": 268, "pidfd_open": 434},
+    "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "setns": 308,
+               "pidfd_open": 434},
+    "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "setns": 268,
+                "pidfd_open": 434},
 }[os.uname().machine]
 
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -140,3 +143,20 @@ def clear_capabilities() -> None:
     data = (_CapData * 2)()
     result = _libc.syscall(_SYSCALLS["capset"], ctypes.byref(header), ctypes.byref(data))
     _check(result, "capset")
+
+
+def keep_capabilities_across_exec() -> None:
+    """Make every permitted capability inheritable and ambient, so that a program this
+    process execs keeps them though its uid is not 0 (capabilities(7), "Transformation
+    of capabilities during execve()"). Used only to exec sbx's own launcher."""
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    _check(_libc.syscall(_SYSCALLS["capget"], ctypes.byref(header), ctypes.byref(data)),
+           "capget")
+    for half in data:
+        half.inheritable = half.permitted
+    _check(_libc.syscall(_SYSCALLS["capset"], ctypes.byref(header), ctypes.byref(data)),
+           "capset")
+    for cap in range(64):
+        if data[cap // 32].permitted & (1 << cap % 32):
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)

@@ -171,16 +171,21 @@ def _apply(m: Mount, path: str, places: dict[str, str]) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, m.data.encode())
         os.close(fd)
-    elif m.kind == "tmpfs":
+    elif m.kind in ("tmpfs", "proc"):
         os.makedirs(path, exist_ok=True)
-        libc.mount("tmpfs", path, "tmpfs", _COMMON, tmpfs_options(m))
-    elif m.kind == "proc":
-        os.makedirs(path, exist_ok=True)
-        libc.mount("proc", path, "proc", _COMMON | libc.MS_NOEXEC, None)
+        source, fstype, flags, data = filesystem_mount(m)
+        libc.mount(source, path, fstype, flags, data or None)
     elif m.kind == "bind":
         _bind(m, path, places)
     else:
         raise SandboxError(f"unknown mount kind {m.kind!r} for {m.target}")
+
+
+def filesystem_mount(m: Mount) -> tuple[str, str, int, str]:
+    """mount(2)'s source, type, flags and data for a "tmpfs" or "proc" step."""
+    if m.kind == "proc":
+        return "proc", "proc", _COMMON | libc.MS_NOEXEC, ""
+    return "tmpfs", "tmpfs", _COMMON, tmpfs_options(m)
 
 
 def tmpfs_options(m: Mount) -> str:
