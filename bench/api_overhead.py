@@ -10,14 +10,16 @@ each alike:
   bwrap     bwrap --unshare-all with a read-only /usr (and the host's /bin, /lib...
             symlinks or binds), a fresh /proc and /dev, by hyperfine --shell=none
   api       sandbox.api.run(["/bin/true"], profile="strict") in this warm process:
-            plan resolved on each call, then the sandbox, as a pipeline would call it
-  plan      sandbox.supervisor.run(plan) with the plan resolved once (the batch path)
-The API's overhead is its time minus bare; the target is met when it is at most bwrap's
-per-run time. Reported: the median of each round, and the spread over rounds.
+            a one-shot call, which builds its sandbox from scratch (cold)
+  runner    sandbox.api.Runner(profile="strict").run(["/bin/true"]): what a pipeline
+            that runs many programs uses; each run gets fresh namespaces from a warm
+            sandbox (sandbox/warm.py), as `sbx batch` does
+The API's overhead is the Runner's time minus bare; the target is met when it is at most
+bwrap's per-run time. Reported: the median of each round, and the spread over rounds.
 
---cprofile N profiles N runs through the API and prints where the time goes per run;
---phases N times each step of N runs as the supervisor sees it (children included);
---child-steps N times the steps inside the sandbox's own processes.
+--cprofile N profiles N runs of a Runner and prints where the time goes per run;
+--phases N times each step of N cold runs as the supervisor sees it (children
+included); --child-steps N times the steps inside a cold run's own processes.
 """
 
 from __future__ import annotations
@@ -68,32 +70,33 @@ def hyperfine_median_s(argv: list[str], runs: int, warmup: int = 10) -> float:
         return json.load(open(export.name))["results"][0]["median"]
 
 
-def api_times_s(runs: int, reuse_plan: bool, warmup: int = 10) -> list[float]:
-    """Wall time of each of `runs` API runs of /bin/true under `strict`."""
-    plan = api.plan_for(["/bin/true"], "strict")
+def api_times_s(runs: int, warm: bool, warmup: int = 10) -> list[float]:
+    """Wall time of each of `runs` API runs of /bin/true under `strict`: one-shot
+    run() calls (each builds its sandbox from scratch), or runs of one Runner."""
     times = []
-    for n in range(warmup + runs):
-        started = time.perf_counter()
-        if reuse_plan:
-            result = supervisor.run(plan)
-        else:
-            result = api.run(["/bin/true"], "strict")
-        elapsed = time.perf_counter() - started
-        if result.verdict != "OK":
-            raise SystemExit(f"/bin/true under strict gave {result.verdict}: {result}")
-        if n >= warmup:
-            times.append(elapsed)
+    with api.Runner(profile="strict") as runner:
+        for n in range(warmup + runs):
+            started = time.perf_counter()
+            if warm:
+                result = runner.run(["/bin/true"])
+            else:
+                result = api.run(["/bin/true"], "strict")
+            elapsed = time.perf_counter() - started
+            if result.verdict != "OK":
+                raise SystemExit(f"/bin/true under strict gave {result.verdict}: {result}")
+            if n >= warmup:
+                times.append(elapsed)
     return times
 
 
 def measure(runs: int, rounds: int) -> dict[str, list[float]]:
     """Median seconds per run of each tool, one value per round."""
-    rows: dict[str, list[float]] = {"bare": [], "bwrap": [], "api": [], "plan": []}
+    rows: dict[str, list[float]] = {"bare": [], "bwrap": [], "api": [], "runner": []}
     for _ in range(rounds):
         rows["bare"].append(hyperfine_median_s(["/bin/true"], runs))
         rows["bwrap"].append(hyperfine_median_s(bwrap_argv(["/bin/true"]), runs))
-        rows["api"].append(statistics.median(api_times_s(runs, reuse_plan=False)))
-        rows["plan"].append(statistics.median(api_times_s(runs, reuse_plan=True)))
+        rows["api"].append(statistics.median(api_times_s(runs, warm=False)))
+        rows["runner"].append(statistics.median(api_times_s(runs, warm=True)))
     return rows
 
 
@@ -103,8 +106,8 @@ def report(rows: dict[str, list[float]]) -> bool:
     labels = {
         "bare": "/bin/true, bare",
         "bwrap": "bwrap --unshare-all, ro /usr",
-        "api": "sbx API run(), strict",
-        "plan": "sbx API, plan reused (batch)",
+        "api": "sbx api.run(), strict (cold)",
+        "runner": "sbx api.Runner.run(), strict",
     }
     print(f"uid {os.getuid()}, {len(rows['bare'])} rounds; ms per run (median, spread)")
     print(f"{'':32} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
@@ -115,10 +118,10 @@ def report(rows: dict[str, list[float]]) -> bool:
             f"{labels[name]:32} {statistics.median(ms):8.2f} {min(ms):8.2f} "
             f"{max(ms):8.2f} {ratio:6.2f}x"
         )
-    overhead = med["api"] - med["bare"]
+    overhead = med["runner"] - med["bare"]
     holds = overhead <= med["bwrap"]
     print(
-        f"API overhead (api - bare): {overhead * 1000:.2f} ms = "
+        f"API overhead (Runner - bare): {overhead * 1000:.2f} ms = "
         f"{overhead / med['bwrap']:.2f}x bwrap's per-run time; "
         f"target, at most bwrap's per-run time: {'met' if holds else 'not met'}"
     )
@@ -126,16 +129,18 @@ def report(rows: dict[str, list[float]]) -> bool:
 
 
 def profile_runs(count: int) -> None:
-    """Where the time of an API run goes, per run, in the calling process."""
+    """Where the time of a Runner's run goes, per run, in the calling process."""
     import cProfile
     import pstats
 
-    api_times_s(5, reuse_plan=False, warmup=0)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(count):
-        api.run(["/bin/true"], "strict")
-    profiler.disable()
+    with api.Runner(profile="strict") as runner:
+        for _ in range(5):
+            runner.run(["/bin/true"])
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(count):
+            runner.run(["/bin/true"])
+        profiler.disable()
     stats = pstats.Stats(profiler)
     total = stats.total_tt
     print(f"\ncProfile of {count} API runs: {total / count * 1000:.2f} ms per run in")

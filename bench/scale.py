@@ -8,12 +8,12 @@ Throughput: N jobs of `python3 -c "print(1)"` under `strict`, through `sbx batch
 with --jobs 1, 2 and 4, in rounds; runs per second and the ratio to --jobs 1.
 
 Memory: `sbx batch --jobs K` over jobs that sleep, sampled while K sandboxes run.
-sbx's own processes are the batch process and each sandbox's init (a fork of it);
+sbx's own processes are the batch process and, per worker, its warm sandbox (the
+zygote, the launcher it keeps ready for the next run) and the running sandbox's init;
 the payloads (`sleep`) are not sbx's and are left out. Reported per K: the batch
-process's RSS and private memory (USS), the sum of the inits' USS and PSS, and per
-concurrent sandbox: (total USS + PSS of inits) / K and the growth of the batch
-process per extra sandbox. USS is what the kernel would free if the process ended;
-the inits share most of their pages with the batch process (copy-on-write).
+process's RSS and private memory (USS), the sum of the others' USS and PSS, and per
+concurrent sandbox: (their USS + PSS) / K, and the growth of the batch process per
+extra sandbox. USS is what the kernel would free if the process ended.
 """
 
 from __future__ import annotations
@@ -93,18 +93,33 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def sbx_inits(batch_pid: int) -> list[int]:
-    """The sandboxes' inits: children of the batch process (it is their subreaper)
-    that are still sbx's Python, not a payload."""
-    inits = []
-    for pid in children(batch_pid):
+def sbx_processes(batch_pid: int) -> list[int]:
+    """sbx's processes below the batch process: every descendant but the payloads.
+    (Each run's init is the batch process's child, which is their subreaper.)"""
+    found, stack = [], children(batch_pid)
+    while stack:
+        pid = stack.pop()
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
-        if comm.startswith("python"):
-            inits.append(pid)
-    return inits
+        if comm == "sleep":
+            continue
+        found.append(pid)
+        stack += children(pid)
+    return found
+
+
+def running_payloads(batch_pid: int) -> int:
+    count, stack = 0, children(batch_pid)
+    while stack:
+        pid = stack.pop()
+        try:
+            count += Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"
+        except OSError:
+            continue
+        stack += children(pid)
+    return count
 
 
 def memory_at(workdir: Path, jobs: int) -> dict[str, float]:
@@ -114,22 +129,22 @@ def memory_at(workdir: Path, jobs: int) -> dict[str, float]:
     batch = start_batch(jobs_file, out, jobs)
     try:
         deadline = time.monotonic() + 20
-        inits: list[int] = []
-        while len(inits) < jobs and time.monotonic() < deadline:
+        running = 0
+        while running < jobs and time.monotonic() < deadline:
             time.sleep(0.1)
-            inits = sbx_inits(batch.pid)
+            running = running_payloads(batch.pid)
         time.sleep(0.3)
         own = memory_kib(batch.pid)
-        per_init = [memory_kib(pid) for pid in sbx_inits(batch.pid)]
+        others = [memory_kib(pid) for pid in sbx_processes(batch.pid)]
     finally:
         batch.communicate()
-    if len(per_init) != jobs:
-        raise SystemExit(f"saw {len(per_init)} sandboxes running, expected {jobs}")
+    if running != jobs:
+        raise SystemExit(f"saw {running} sandboxes running, expected {jobs}")
     return {
         "batch_rss": own["rss"],
         "batch_uss": own["uss"],
-        "inits_uss": sum(m["uss"] for m in per_init),
-        "inits_pss": sum(m["pss"] for m in per_init),
+        "sbx_uss": sum(m["uss"] for m in others),
+        "sbx_pss": sum(m["pss"] for m in others),
     }
 
 
@@ -167,20 +182,21 @@ def report(rates: dict, memory: dict, runs: int) -> None:
         )
     print("memory of sbx's own processes while K sandboxes sleep (MiB):")
     print(
-        f"  {'K':>2} {'batch RSS':>9} {'batch USS':>9} {'inits USS':>9} {'inits PSS':>9}"
+        f"  {'K':>2} {'batch RSS':>9} {'batch USS':>9} {'sbx USS':>9} {'sbx PSS':>9}"
     )
     for n, m in memory.items():
         row = [
-            m[k] / 1024 for k in ("batch_rss", "batch_uss", "inits_uss", "inits_pss")
+            m[k] / 1024 for k in ("batch_rss", "batch_uss", "sbx_uss", "sbx_pss")
         ]
         print(f"  {n:>2} " + " ".join(f"{v:9.1f}" for v in row))
     first, last = memory[JOB_COUNTS[0]], memory[JOB_COUNTS[-1]]
     extra = JOB_COUNTS[-1] - JOB_COUNTS[0]
     growth = (last["batch_uss"] - first["batch_uss"]) / extra / 1024
-    init_uss = last["inits_uss"] / JOB_COUNTS[-1] / 1024
-    init_pss = last["inits_pss"] / JOB_COUNTS[-1] / 1024
+    sbx_uss = last["sbx_uss"] / JOB_COUNTS[-1] / 1024
+    sbx_pss = last["sbx_pss"] / JOB_COUNTS[-1] / 1024
     print(
-        f"per concurrent sandbox: init USS {init_uss:.1f} MiB (PSS {init_pss:.1f}), "
+        f"per concurrent sandbox: sbx's processes USS {sbx_uss:.1f} MiB "
+        f"(PSS {sbx_pss:.1f}), "
         f"batch process growth {growth:.2f} MiB"
     )
 

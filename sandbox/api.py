@@ -4,9 +4,15 @@
     result = run(["python3", "-c", "print(1)"], profile="strict", wall=5, capture=True)
     result.verdict, result.exit_code, result.stdout
 
+    from sandbox.api import Runner
+    with Runner(profile="strict", wall=5) as runner:     # many runs, warm
+        result = runner.run(["python3", "sol.py"], files={"sol.py": source},
+                            stdin_data=b"1 2\n")
+
 Keyword options are those of `sbx exec` (see `sbx exec --help`), with Python values:
 wall=2.5, memory="256M" or 268435456, env=[("KEY", "value")], dir="/path", plus
-stdin_data=b"..." to feed stdin and capture=True to get stdout and stderr as bytes.
+stdin_data=b"..." to feed stdin, files={"name": b"..."} to place files in /box, and
+capture=True to get stdout and stderr as bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 from . import execopts, profiles
 from .errors import UsageError
 from .kernel import hostinfo
-from .plan import Plan, make_plan
+from .plan import Plan, check_box_files, make_plan
 from .result import Result
 
 _PARSED_KEYS = {o.key: o for o in execopts.OPTIONS}
@@ -97,6 +103,93 @@ def _subids(caller: tuple[int, int], idmap: str) -> tuple | None:
             "/etc/subgid, or newuidmap/newgidmap are not installed (package uidmap)"
         )
     return subids
+
+
+class Runner:
+    """Many runs from one process, each in a fresh sandbox made from a warm one
+    (sandbox/warm.py): the profile is resolved and the seccomp filter compiled once
+    per distinct set of options, and a run costs a fork of a small prepared process,
+    not a sandbox built from scratch.
+
+    Options given here are every run's defaults; run() may add or override any
+    option. stdout and stderr are captured unless capture=False. A Runner keeps one
+    warm sandbox per thread that uses it (each runs one sandbox at a time): close()
+    (or the with block's end) kills them; they also die with the thread that made
+    them. Plans that cannot run warm (dir=, an image rootfs) run as run() does.
+    """
+
+    def __init__(self, profile: str | None = None, **options) -> None:
+        from . import warm
+
+        self.profile = profile
+        self.options = {"capture": True, **options}
+        # A root caller's payloads run as one fresh host id per Runner (see
+        # fresh_root_host_id), so that its runs can share warm sandboxes.
+        if os.getuid() == 0 and "host_id" not in self.options:
+            self.options["host_id"] = fresh_root_host_id()
+        self._plans: dict = {}
+        self._pool = warm.Pool()
+        plan_for(["true"], profile, **self._per_plan(self.options))  # check them now
+
+    def run(self, argv: list[str], profile: str | None = None, **options) -> Result:
+        """Run argv; options as for run(), over the Runner's. Per-run values
+        (stdin_data, files) cost nothing extra; other options are resolved once
+        for each distinct combination."""
+        from .record import replace
+
+        if not argv:
+            raise UsageError("no command given")
+        merged = {**self.options, **options}
+        base = self._base_plan(profile or self.profile, self._per_plan(merged))
+        stdin_data = merged.get("stdin_data")
+        files = check_box_files(merged.get("files") or ())
+        if files and base.box_dir is not None:
+            raise UsageError("files and dir both fill /box: write the files into the dir")
+        plan = replace(
+            base,
+            argv=tuple(argv),
+            stdio=replace(base.stdio, stdin_data=stdin_data) if stdin_data is not None
+            else base.stdio,
+            files=files,
+        )
+        if plan.rootfs == "host":
+            return self._pool.run(plan)
+        from . import rootfs as images
+
+        with images.image_in_use(plan.rootfs):
+            return self._pool.run(plan)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _per_plan(options: dict) -> dict:
+        return {k: v for k, v in options.items() if k not in ("stdin_data", "files")}
+
+    def _base_plan(self, profile: str | None, options: dict) -> Plan:
+        try:
+            key = (profile, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
+            hash(key)
+        except TypeError:
+            return plan_for(["true"], profile, **options)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_for(["true"], profile, **options)
+        return plan
+
+
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def run(argv: list[str], profile: str | None = None, **options) -> Result:

@@ -368,6 +368,7 @@ def stage3(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
         _set_rlimits(prep)
         libc.drop_bounding_set()
         _set_ids(plan)
+        libc.clear_user_keyrings()
         os.chdir(plan.cwd)
         _close_other_fds(fds)
         libc.clear_capabilities()

@@ -30,6 +30,7 @@ log = logs.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 10.0
 CPU_POLL_S = 0.01  # an overrun of --time is at most this times the cores in use
+HOST_CPUS = os.cpu_count() or 1
 READ_CHUNK = 65536
 _subreaper_set = False
 
@@ -473,18 +474,24 @@ def _watch(r: Run) -> None:
         None if limits.wall_timeout_s is None else r.payload_started + limits.wall_timeout_s
     )
 
-    cpu_checked = [0.0]
+    # The payload starts with nothing used: the first look is due when it could have
+    # used up the limit on every CPU.
+    first_s = max(CPU_POLL_S, (limits.cpu_time_s or 0.0) / HOST_CPUS)
+    next_cpu_check = [r.payload_started + first_s]
 
     def limits_tripped() -> bool:
         now = time.monotonic()
         if wall_deadline is not None and now >= wall_deadline:
             _trip(r, "TLE", "wall")
-        elif limits.cpu_time_s is not None and now - cpu_checked[0] >= CPU_POLL_S:
-            # Reading the run's CPU time costs a walk of /proc without a cgroup:
-            # once per CPU_POLL_S, however often output or messages wake this loop.
-            cpu_checked[0] = now
-            if _cpu_so_far(r) >= limits.cpu_time_s:
+        elif limits.cpu_time_s is not None and now >= next_cpu_check[0]:
+            # Reading the run's CPU time costs a walk of /proc without a cgroup. The
+            # run cannot use more than every CPU of the host meanwhile: look again
+            # when it could first have reached the limit, and at most every
+            # CPU_POLL_S (the overrun bound stays CPU_POLL_S times the CPUs in use).
+            left_s = limits.cpu_time_s - _cpu_so_far(r)
+            if left_s <= 0:
                 _trip(r, "TLE", "cpu")
+            next_cpu_check[0] = now + max(CPU_POLL_S, left_s / HOST_CPUS)
         return r.tripped is not None
 
     for stream in r.streams:
@@ -506,7 +513,7 @@ def _watch(r: Run) -> None:
     while not (r.status is not None or r.tripped or r.error or r.init_gone):
         timeout_s = 1.0
         if limits.cpu_time_s is not None:
-            timeout_s = CPU_POLL_S
+            timeout_s = max(0.0, min(timeout_s, next_cpu_check[0] - time.monotonic()))
         if wall_deadline is not None:
             timeout_s = max(0.0, min(timeout_s, wall_deadline - time.monotonic()))
         for fd, events in poller.poll(timeout_s * 1000):

@@ -263,6 +263,10 @@ static void payload(void)
     if (S.setgroups && setgroups(0, NULL) < 0) fail("setgroups");
     if (setresgid(S.gid, S.gid, S.gid) < 0) fail("setresgid");
     if (setresuid(S.uid, S.uid, S.uid) < 0) fail("setresuid");
+    /* The user keyrings belong to the uid in the user namespace, which warm runs
+     * share: whatever a previous run left there goes before this one starts. */
+    syscall(SYS_keyctl, 7 /* KEYCTL_CLEAR */, -4 /* KEY_SPEC_USER_KEYRING */);
+    syscall(SYS_keyctl, 7, -5 /* KEY_SPEC_USER_SESSION_KEYRING */);
     char *cwd = cstr(S.cwd);
     if (chdir(cwd) < 0) fail(cwd);
     /* Keep 0-2, the report pipe and the listener socket: close the rest. */
@@ -340,6 +344,7 @@ static void place_files(void)
 static void init(void)
 {
     char byte;
+    prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
     if (read(S.control, &byte, 1) != 1 || byte != 'A') _exit(1);
     /* Adopted by the supervisor: die with it. A hang-up on control means it died
      * before the death signal was armed. */
@@ -440,6 +445,7 @@ static void receive_request(int sock)
 
 static void launcher(int sock)
 {
+    prctl(PR_SET_NAME, "sbx-launcher", 0, 0, 0);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) _exit(1);
     /* Ahead of the request: every namespace but the cgroup one, which must come after
      * joining the run's cgroup. A failure is reported once there is a run to fail. */
@@ -473,6 +479,7 @@ int main(int argc, char **argv)
 {
     if (argc != 2) return 2;
     int sock = atoi(argv[1]);
+    prctl(PR_SET_NAME, "sbx-zygote", 0, 0, 0);
     for (;;) {
         pid_t pid = fork();
         if (pid < 0) return 1;
