@@ -109,6 +109,8 @@ class Run:
     started: float = 0.0
     payload_started: float = 0.0
     init_setup_cpu_s: float = 0.0
+    zygote: object = None  # the warm sandbox that launched the run, if any
+    adopted: bool = False  # its init is known to be this process's child
     launch_cpu_s: float = 0.0  # stage 1's or the launcher's, charged to the cgroup too
     status: int | None = None
     max_rss_kib: int = 0
@@ -279,9 +281,21 @@ def _start_warm(r: Run, zygote) -> None:
         for fd in fds.close_in_parent:
             os.close(fd)
     _take_init(r, _expect(r, "P"))
-    zygote.wait_handed_over()
-    os.write(r.control_w, b"A")
+    r.zygote = zygote
+    if not zygote.native:
+        # The Python init arms its death signal once adopted; the C one watches the
+        # control pipe instead, so it needs no word from here, and the adoption is
+        # made sure of only before it is reaped (_kill).
+        _adopt(r)
+        os.write(r.control_w, b"A")
     log.info("sandbox init is pid %d on the host (warm)", r.init_pid)
+
+
+def _adopt(r: Run) -> None:
+    """Wait until the zygote has reaped the launcher: init is then this process's."""
+    if r.zygote is not None and not r.adopted:
+        r.zygote.wait_handed_over()
+        r.adopted = True
 
 
 def _inheritable_stdio(std_fd: int) -> int:
@@ -676,6 +690,7 @@ def _kill(r: Run) -> None:
         # process in it to be gone (pid_namespaces(7)); the cgroup is then empty,
         # unless something outside the namespace joined it.
         os.kill(r.init_pid, signal.SIGKILL)
+        _adopt(r)
         _, _, usage = os.wait4(r.init_pid, 0)
         r.init_reaped = True
         r.rusage = usage

@@ -12,9 +12,9 @@
  *                receive the run (descriptors + a spec) from the socket, join the
  *                run's cgroup, unshare the cgroup namespace, name the host, fork
  *                init, write "P <pid> <cpu s>", exit
- *   init:        wait for "A", die with the supervisor, mount the run's /dev/shm,
- *                /proc, /tmp and /box, write the files, fork the payload, forward
- *                signals, reap everything, write "S <status> <maxrss> <user> <sys>"
+ *   init:        mount the run's /dev/shm, /proc, /tmp and /box, write the files,
+ *                fork the payload, forward signals, reap everything, write
+ *                "S <status> <maxrss> <user> <sys>"; exit if the supervisor goes
  *   payload:     signals, session, stdio, rlimits, bounding set, ids, cwd,
  *                descriptors, capabilities, no_new_privs, seccomp last, execve
  *
@@ -41,6 +41,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -343,14 +344,11 @@ static void place_files(void)
 
 static void init(void)
 {
-    char byte;
     prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
-    if (read(S.control, &byte, 1) != 1 || byte != 'A') _exit(1);
-    /* Adopted by the supervisor: die with it. A hang-up on control means it died
-     * before the death signal was armed. */
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) fail("prctl(PR_SET_PDEATHSIG)");
-    struct pollfd pfd = { S.control, POLLIN, 0 };
-    if (poll(&pfd, 1, 0) != 0) _exit(1);
+    /* No death signal: this process's parent is the launcher, which exits at once,
+     * then the supervisor, which adopts it. The supervisor holds the only write end
+     * of the control pipe and never writes to it: a hang-up there means it is gone,
+     * and init then exits, which kills the run. */
     for (int sig = 1; sig < NSIG; sig++)
         if (sig != SIGKILL && sig != SIGSTOP && sig != SIGCHLD) signal(sig, SIG_IGN);
     for (uint32_t i = 0; i < S.nmounts; i++) {
@@ -358,12 +356,19 @@ static void init(void)
         char *type = cstr(S.m_type[i]), *data = cstr(S.m_data[i]);
         if (mount(src, target, type, S.m_flags[i], *data ? data : NULL) < 0) {
             int err = errno;
-            say("E SandboxError cannot set up %s (%s): [Errno %d] %s", target, type, err, strerror(err));
+            say("E SandboxError cannot set up %s (%s): [Errno %d] %s", target, type, err,
+                strerror(err));
             _exit(125);
         }
     }
     place_files();
     say("F tmpfs");
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    int children = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (children < 0) fail("signalfd");
     payload_pid = fork();
     if (payload_pid < 0) fail("fork");
     if (payload_pid == 0) payload();
@@ -376,16 +381,25 @@ static void init(void)
     for (;;) {
         int status;
         struct rusage ru;
-        pid_t pid = wait4(-1, &status, 0, &ru);
-        if (pid < 0) { if (errno == EINTR) continue; fail("wait4"); }
-        if (ru.ru_maxrss > max_rss) max_rss = ru.ru_maxrss;
-        if (pid == payload_pid) {
-            struct rusage own;
-            getrusage(RUSAGE_SELF, &own);
-            say("S %d %ld %.6f %.6f", status, max_rss, seconds(own.ru_utime),
-                seconds(own.ru_stime));
-            _exit(0);
+        pid_t pid;
+        while ((pid = wait4(-1, &status, WNOHANG, &ru)) > 0) {
+            if (ru.ru_maxrss > max_rss) max_rss = ru.ru_maxrss;
+            if (pid == payload_pid) {
+                struct rusage own;
+                getrusage(RUSAGE_SELF, &own);
+                say("S %d %ld %.6f %.6f", status, max_rss, seconds(own.ru_utime),
+                    seconds(own.ru_stime));
+                _exit(0);
+            }
         }
+        struct pollfd watch[2] = { { S.control, POLLIN, 0 }, { children, POLLIN, 0 } };
+        if (poll(watch, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            fail("poll");
+        }
+        if (watch[0].revents) _exit(1); /* the supervisor is gone */
+        struct signalfd_siginfo info;
+        while (read(children, &info, sizeof info) > 0) {}
     }
 }
 
@@ -466,9 +480,19 @@ static void launcher(int sock)
     if (unshare(CLONE_NEWCGROUP) < 0) fail("unshare(CLONE_NEWCGROUP)");
     char *name = cstr(S.hostname);
     if (sethostname(name, strlen(name)) < 0) fail("sethostname");
+    /* init starts once this process has said P and exited (the pipe's write end
+     * closes): the supervisor reads P before anything init says. */
+    int order[2];
+    if (pipe2(order, O_CLOEXEC) < 0) fail("pipe2");
     pid_t pid = fork();
     if (pid < 0) fail("fork");
-    if (pid == 0) init();
+    if (pid == 0) {
+        char byte;
+        close(order[1]);
+        while (read(order[0], &byte, 1) < 0 && errno == EINTR) {}
+        close(order[0]);
+        init();
+    }
     say("P %d %.6f", pid, cpu_seconds());
     _exit(0);
 }

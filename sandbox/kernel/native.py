@@ -15,9 +15,6 @@ with the same guarantees and more time per run.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 
 from .. import log as logs
@@ -46,8 +43,16 @@ def _cache_dir() -> str:
     return os.path.join(base, "sbx", "launcher")
 
 
+def _which(name: str) -> str | None:
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
 def _build() -> str | None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    compiler = _which("cc") or _which("gcc")
     if compiler is None:
         log.info("no C compiler: warm sandboxes launch runs in Python (slower)")
         return None
@@ -61,7 +66,10 @@ def _build() -> str | None:
     except OSError as e:
         log.info("cannot use the C launcher (%s): launching runs in Python", e)
         return None
-    from hashlib import sha256
+    try:
+        from _sha256 import sha256  # hashlib costs more to import than sbx's start
+    except ImportError:
+        from hashlib import sha256
 
     compiler_id = f"{binary} {st.st_size} {st.st_mtime_ns}".encode()
     facts = b"\0".join([source, os.uname().machine.encode(), compiler_id])
@@ -69,6 +77,9 @@ def _build() -> str | None:
     path = os.path.join(directory, f"launcher-{sha256(facts).hexdigest()[:24]}")
     if os.access(path, os.X_OK):
         return path
+    import subprocess
+    import tempfile
+
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".build-")
