@@ -277,3 +277,40 @@ def test_a_key_left_in_the_user_keyring_is_gone_for_the_next_run(caller, launche
     """, launcher)
     assert out[0]["stdout"] == "added\n", out[0]
     assert out[1]["stdout"] == "not found\n", out[1]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_running_payload_dies_with_its_supervisor(caller, launcher):
+    """SIGKILL to the process running a warm run (no cleanup of any kind) ends the
+    run: its init sees the supervisor's end of the control pipe close (C launcher)
+    or gets its death signal (Python launcher)."""
+    mark = f"sbx-warm-orphan-{uuid.uuid4().hex[:8]}"
+    script = Path(tempfile.mkdtemp()) / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        from sandbox.api import Runner
+        runner = Runner()
+        runner.run(["python3", "-c", "import time; time.sleep(1000)", "{mark}"])
+    """))
+    os.chmod(script.parent, 0o755)
+    os.chmod(script, 0o644)
+    command = [sys.executable, str(script)]
+    if caller.uid != os.geteuid():
+        drop = ["setpriv", f"--reuid={caller.uid}", f"--regid={caller.gid}", "--init-groups"]
+        command = [*drop, "env", f"HOME={caller.home}", *command]
+    env = caller.env() | {"SBX_PYTHON_LAUNCHER": "1" if launcher == "python" else ""}
+    owner = subprocess.Popen(command, env=env, cwd="/")
+    try:
+        deadline = time.monotonic() + 20
+        while not host_pids_with(mark) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host_pids_with(mark), "the payload never started"
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(map(_alive, host_pids_with(mark))):
+            time.sleep(0.05)
+        assert not any(map(_alive, host_pids_with(mark)))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
