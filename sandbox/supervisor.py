@@ -408,11 +408,16 @@ def _expect(r: Run, kind: str) -> str:
     if not r.lines:
         why = "killed by its memory limit" if r.cgroup.oom_killed() else "it died"
         raise SandboxError(f"the sandbox could not be set up: {why}")
-    line = r.lines.pop(0)
+    return expected_line(r.lines.pop(0), kind)
+
+
+def expected_line(line: str, kind: str, what: str = "sandbox") -> str:
+    """line, if it is of the given kind; an error line (E) or any other kind raises
+    SandboxError."""
     if line.startswith("E "):
-        raise SandboxError(f"sandbox setup failed: {line[2:]}")
+        raise SandboxError(f"{what} setup failed: {line[2:]}")
     if not line.startswith(kind):
-        raise SandboxError(f"sandbox setup failed: unexpected message {line!r}")
+        raise SandboxError(f"{what} setup failed: unexpected message {line!r}")
     return line
 
 

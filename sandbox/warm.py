@@ -125,12 +125,7 @@ class Zygote:
                 raise SandboxError("the warm sandbox could not be set up: it died")
             *complete, self._partial = (self._partial + data).split(b"\n")
             self._lines += [line.decode() for line in complete]
-        line = self._lines.pop(0)
-        if line.startswith("E "):
-            raise SandboxError(f"warm sandbox setup failed: {line[2:]}")
-        if not line.startswith(kind):
-            raise SandboxError(f"warm sandbox setup failed: unexpected {line!r}")
-        return line
+        return supervisor.expected_line(self._lines.pop(0), kind, "warm sandbox")
 
 
 def native_spec(plan: Plan, prep: child.Prepared, layout: list, procs: list) -> bytes:
