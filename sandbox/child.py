@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import pickle
 import resource
 import select
 import signal
@@ -158,6 +157,8 @@ def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher: str | None) 
         keep = {0, 1, 2, sock_fd} | ({launcher_fd} if launcher_fd is not None else set())
         # What the launches need must be imported before the pivot hides the package:
         # stage 3 installs seccomp filters, and unpickling a plan finds their class.
+        import pickle  # noqa: F401 (the Python launcher's requests)
+
         from .kernel import seccomp  # noqa: F401
 
         _close_all_but(keep)
@@ -212,6 +213,8 @@ def _mount_placeholder_proc(path: str) -> None:
 def _serve(sock_fd: int) -> None:
     """One launch at a time: receive a run's plan and descriptors, fork its launcher,
     reap it, then tell the supervisor (R, on the socket) that init is now its child."""
+    import pickle  # loaded before the pivot (see zygote), like every module used here
+
     gc.freeze()  # what the zygote holds now stays shared with every fork
     sock = _socket.socket(fileno=sock_fd)
     while True:

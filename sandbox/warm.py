@@ -19,7 +19,6 @@ from __future__ import annotations
 import _socket
 import functools
 import os
-import pickle
 import select
 import signal
 import struct
@@ -85,6 +84,8 @@ class Zygote:
         if self.native:
             body = native_spec(plan, prep, layout, procs)
         else:
+            import pickle
+
             body = pickle.dumps((plan, prep, (tuple(layout), procs)), protocol=5)
         try:
             fdpass.send_message(self._sock, body, sent + list(procs_fds))
