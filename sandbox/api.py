@@ -22,7 +22,7 @@ import os
 from . import execopts, profiles
 from .errors import UsageError
 from .kernel import hostinfo
-from .plan import Plan, check_box_files, make_plan
+from .plan import Plan, check_box_files, check_box_fits, make_plan
 from .result import Result
 
 _PARSED_KEYS = {o.key: o for o in execopts.OPTIONS}
@@ -30,8 +30,7 @@ _PARSED_KEYS = {o.key: o for o in execopts.OPTIONS}
 
 def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
     """The plan `run` would execute: profile resolved, options checked."""
-    if not argv:
-        raise UsageError("no command given")
+    check_argv(argv)
     parsed = {}
     for key, value in options.items():
         parsed[key] = _check_option(key, value)
@@ -51,6 +50,18 @@ def plan_for(argv: list[str], profile: str | None = None, **options) -> Plan:
     return make_plan(resolved, parsed, argv, caller, layout, subids, lowerdirs)
 
 
+def check_argv(argv: object) -> None:
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, (list, tuple)):
+        raise UsageError(
+            f"the command must be a list of strings, such as ['python3', 'sol.py'], "
+            f"not {type(argv).__name__} {argv!r:.60}"
+        )
+    if not argv:
+        raise UsageError("no command given")
+    if not all(isinstance(arg, str) for arg in argv):
+        raise UsageError("every argument of the command must be a str")
+
+
 # Options of the API that `sbx exec` has no flag for.
 _API_ONLY = ("stdin_data", "capture", "host_id", "files")
 
@@ -66,6 +77,14 @@ def _check_option(key: str, value):
         guess = get_close_matches(key, known, n=1)
         hint = f"did you mean {guess[0]!r}? " if guess else ""
         raise UsageError(f"unknown option {key!r}; {hint}known: {', '.join(known)}")
+    if key == "stdin_data" and value is not None:
+        if isinstance(value, str):
+            return value.encode()
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise UsageError(f"stdin_data: expected bytes or str, not {type(value).__name__}")
+        return bytes(value)
+    if key == "stdin" and isinstance(value, (bytes, bytearray)):
+        raise UsageError("stdin is a file to read stdin from; to feed bytes, use stdin_data")
     if opt is None or value is None or opt.parse is None:
         return value
     flag = f"--{key.replace('_', '-')}"
@@ -137,14 +156,17 @@ class Runner:
         for each distinct combination."""
         from .record import replace
 
-        if not argv:
-            raise UsageError("no command given")
-        merged = {**self.options, **options}
+        check_argv(argv)
+        # None means not given here, as it does for run(): the Runner's value stays
+        # ("none" is what lifts a limit).
+        given = {key: value for key, value in options.items() if value is not None}
+        merged = {**self.options, **given}
         base = self._base_plan(profile or self.profile, self._per_plan(merged))
-        stdin_data = merged.get("stdin_data")
+        stdin_data = _check_option("stdin_data", merged.get("stdin_data"))
         files = check_box_files(merged.get("files") or ())
         if files and base.box_dir is not None:
             raise UsageError("files and dir both fill /box: write the files into the dir")
+        check_box_fits(files, base.limits)
         plan = replace(
             base,
             argv=tuple(argv),

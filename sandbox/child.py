@@ -75,7 +75,9 @@ def _fail(fds: ChildFds, error: BaseException) -> None:
 
         traceback.print_exc()
     try:
-        _say(fds, f"E {type(error).__name__} {message}")
+        # sbx's own errors say what went wrong; anything else is named by its type.
+        kind = "" if isinstance(error, SandboxError) else f"{type(error).__name__} "
+        _say(fds, f"E {kind}{message}")
     finally:
         os._exit(125)
 
@@ -315,11 +317,10 @@ def _place_files(plan: Plan) -> None:
     try:
         mounts.place_files("/box", plan.files, (plan.ids.uid, plan.ids.gid))
     except OSError as e:
-        size = sum(len(data) for _, data in plan.files)
         if e.errno == errno.ENOSPC:
             raise SandboxError(
-                f"the files for /box ({size} bytes) do not fit in its tmpfs of "
-                f"{plan.limits.tmpfs_size_bytes} bytes: raise --tmpfs-size"
+                f"the files for /box ({len(plan.files)} files) do not fit in its tmpfs:"
+                " raise tmpfs_size (--tmpfs-size)"
             ) from e
         raise SandboxError(f"cannot place the files in /box: {e}") from e
 

@@ -188,21 +188,60 @@ def run_only_mounts(mounts: tuple[Mount, ...]) -> tuple[Mount, ...]:
 
 
 def check_box_files(files: object) -> tuple[tuple[str, bytes], ...]:
-    """Files for /box as (relative path, bytes) pairs, from a mapping or pairs whose
-    contents are bytes or str (UTF-8). Raises UsageError for a path that would leave
-    /box or name /box itself."""
-    pairs = files.items() if isinstance(files, dict) else files
-    checked = []
+    """Files for /box as (relative path, bytes) pairs, from a mapping or from pairs
+    whose contents are bytes or str (UTF-8). Raises UsageError for a path that is not
+    a plain relative one (no "", "." or ".." parts), for a name given twice, and for
+    a file that would also have to be a directory."""
+    if isinstance(files, dict):
+        pairs = list(files.items())
+    elif isinstance(files, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in files
+    ):
+        pairs = list(files)
+    else:
+        raise UsageError("files: give a mapping of path in /box -> bytes or str")
+    checked, names = [], set()
     for name, content in pairs:
         parts = name.split("/") if isinstance(name, str) else [""]
-        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise UsageError(f"file name {name!r} must be a relative path in /box")
+        if any(p in ("", ".", "..") for p in parts):
+            raise UsageError(
+                f"file name {name!r} must be a plain relative path in /box "
+                "(no leading or doubled '/', no '.' or '..')"
+            )
         if isinstance(content, str):
             content = content.encode()
-        if not isinstance(content, (bytes, bytearray)):
+        if not isinstance(content, (bytes, bytearray, memoryview)):
             raise UsageError(f"file {name!r}: its content must be bytes or str")
+        if name in names:
+            raise UsageError(f"file {name!r} is given twice")
+        names.add(name)
         checked.append((name, bytes(content)))
+    for name in names:
+        parts = name.split("/")
+        for n in range(1, len(parts)):
+            if "/".join(parts[:n]) in names:
+                raise UsageError(
+                    f"file {'/'.join(parts[:n])!r} would also be the directory of {name!r}"
+                )
     return tuple(checked)
+
+
+def check_box_fits(files: tuple[tuple[str, bytes], ...], limits: Limits) -> None:
+    """Refuse files that cannot fit in /box's tmpfs (its size and inode limits),
+    before anything runs. A tmpfs stores data in whole pages."""
+    page = 4096
+    used = sum(-(-len(data) // page) * page for _, data in files)
+    directories = {
+        "/".join(parts[:n])
+        for parts in (name.split("/") for name, _ in files)
+        for n in range(1, len(parts))
+    }
+    if used > limits.tmpfs_size_bytes or len(files) + len(directories) >= limits.tmpfs_inodes:
+        raise UsageError(
+            f"the files for /box ({len(files)} files, {used} bytes in pages) do not fit "
+            f"in its tmpfs ({limits.tmpfs_size_bytes} bytes, {limits.tmpfs_inodes} "
+            "inodes): raise tmpfs_size (--tmpfs-size) or place fewer files"
+        )
 
 
 def plan_ids(
@@ -445,6 +484,7 @@ def make_plan(
     files = check_box_files(options.get("files") or ())
     if files and box_dir is not None:
         raise UsageError("files and dir both fill /box: write the files into the dir")
+    check_box_fits(files, limits)
     rootfs = options.get("rootfs") or profile.get("rootfs", "host")
     if rootfs == "host":
         mounts = host_root_mounts(layout, limits, ids, box_dir)

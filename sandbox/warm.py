@@ -28,7 +28,7 @@ import time
 from . import child, supervisor
 from . import log as logs
 from .errors import ExecError, SandboxError
-from .kernel import cgroups, fdpass, libc, mounts, native
+from .kernel import cgroups, fdpass, libc, mounts, native, procstat
 from .plan import Plan, run_only_mounts
 from .result import Result
 
@@ -98,18 +98,25 @@ class Zygote:
         self._expect("R")
 
     def alive(self) -> bool:
-        return self.pid != 0 and os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        if self.pid == 0:
+            return False
+        if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            return True
+        # Dead (its thread ended) and now reaped: its pid may be reused at once, so
+        # it is never signalled again.
+        self.pid = 0
+        _reap_orphaned_standbys()
+        return False
 
     def close(self) -> None:
-        """Kill the zygote; a launcher it is running dies with it. Runs already
-        launched belong to their supervisor, which kills them."""
+        """Kill the zygote (call it between runs); the launcher it keeps waiting
+        dies with it, and is reaped here. Runs already launched belong to their
+        supervisor, which kills them."""
         if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass  # reaped already: alive() saw it die
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
             self.pid = 0
+            _reap_orphaned_standbys()
         self._sock.close()
 
     def _expect(self, kind: str) -> str:
@@ -127,6 +134,26 @@ class Zygote:
             *complete, self._partial = (self._partial + data).split(b"\n")
             self._lines += [line.decode() for line in complete]
         return supervisor.expected_line(self._lines.pop(0), kind, "warm sandbox")
+
+
+def _reap_orphaned_standbys() -> None:
+    """A zygote's waiting launcher dies with the zygote (its death signal) and, this
+    process being a child subreaper, becomes a zombie child of this process: reap the
+    launchers orphaned so, found by the name they carry only while waiting for a run
+    (launcher.c), among this process's own children (whose pids cannot be reused
+    before they are reaped)."""
+    for pid in procstat.children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                if f.read().strip() != b"sbx-standby":
+                    continue
+        except OSError:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ChildProcessError, ProcessLookupError):
+            pass  # reaped meanwhile, by another thread closing another zygote
 
 
 def native_spec(plan: Plan, prep: child.Prepared, layout: list, procs: list) -> bytes:

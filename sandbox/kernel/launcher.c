@@ -49,7 +49,9 @@
 #include <unistd.h>
 
 #define MAX_FDS 16
-#define MAX_ITEMS 4096
+/* Counts in a request are bounded by its size (every item takes at least 4 bytes);
+ * this only keeps a corrupt count from asking for absurd allocations. */
+#define MAX_ITEMS (1u << 24)
 
 struct str { const char *p; uint32_t n; };
 
@@ -60,10 +62,10 @@ struct spec {
     uint32_t nmounts; struct str m_src[16], m_target[16], m_type[16], m_data[16];
     uint32_t m_flags[16];
     uint32_t owner_uid, owner_gid, nfiles;
-    struct str f_path[MAX_ITEMS], f_data[MAX_ITEMS];
-    uint32_t uid, gid, setgroups, argc, envc, ncand;
+    struct str *f_path, *f_data;
+    uint32_t uid, gid, setgroups, ncand;
     struct str cwd;
-    char *argv[MAX_ITEMS], *envp[MAX_ITEMS], *cand[MAX_ITEMS];
+    char **argv, **envp, **cand;
     uint32_t nrlim, rl_res[32]; uint64_t rl_soft[32], rl_hard[32];
     struct str bpf, bpf_plain; uint32_t notify, last_cap, nsig, sigs[32];
 };
@@ -145,8 +147,26 @@ static char *cstr(struct str s)
 static uint32_t count(struct reader *r, uint32_t most)
 {
     uint32_t n = u32(r);
-    if (n > most) { errno = E2BIG; fail("too many items in a launch request"); }
+    if (n > most || n > (uint32_t)(r->end - r->p)) {
+        errno = EPROTO;
+        fail("a launch request with a bad count");
+    }
     return n;
+}
+
+static void *array(size_t n, size_t size)
+{
+    void *p = calloc(n + 1, size);
+    if (!p) fail("calloc");
+    return p;
+}
+
+static char **strings(struct reader *r)
+{
+    uint32_t n = count(r, MAX_ITEMS);
+    char **list = array(n, sizeof(char *));
+    for (uint32_t i = 0; i < n; i++) list[i] = cstr(string(r));
+    return list;
 }
 
 static int fd_at(int index, const int *fds, int nfds)
@@ -175,17 +195,15 @@ static void parse(const char *buf, size_t len, const int *fds, int nfds)
     }
     S.owner_uid = u32(&r); S.owner_gid = u32(&r);
     S.nfiles = count(&r, MAX_ITEMS);
+    S.f_path = array(S.nfiles, sizeof(struct str));
+    S.f_data = array(S.nfiles, sizeof(struct str));
     for (uint32_t i = 0; i < S.nfiles; i++) { S.f_path[i] = string(&r); S.f_data[i] = string(&r); }
     S.uid = u32(&r); S.gid = u32(&r); S.setgroups = u32(&r);
     S.cwd = string(&r);
-    S.argc = count(&r, MAX_ITEMS - 1);
-    for (uint32_t i = 0; i < S.argc; i++) S.argv[i] = cstr(string(&r));
-    S.argv[S.argc] = NULL;
-    S.envc = count(&r, MAX_ITEMS - 1);
-    for (uint32_t i = 0; i < S.envc; i++) S.envp[i] = cstr(string(&r));
-    S.envp[S.envc] = NULL;
-    S.ncand = count(&r, MAX_ITEMS - 1);
-    for (uint32_t i = 0; i < S.ncand; i++) S.cand[i] = cstr(string(&r));
+    S.argv = strings(&r);
+    S.envp = strings(&r);
+    S.cand = strings(&r);
+    for (S.ncand = 0; S.cand[S.ncand]; S.ncand++) {}
     S.nrlim = count(&r, 32);
     for (uint32_t i = 0; i < S.nrlim; i++) {
         S.rl_res[i] = u32(&r); S.rl_soft[i] = u64(&r); S.rl_hard[i] = u64(&r);
@@ -322,6 +340,11 @@ static void place_files(void)
         char *path = cstr(S.f_path[i]);
         mkdirs_owned(path);
         int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd < 0 && errno == ENOSPC) {
+            say("E the files for /box do not fit in its tmpfs (%u files): raise "
+                "tmpfs_size (--tmpfs-size)", S.nfiles);
+            _exit(125);
+        }
         if (fd < 0) fail(path);
         const char *p = S.f_data[i].p;
         size_t left = S.f_data[i].n;
@@ -329,7 +352,8 @@ static void place_files(void)
             ssize_t n = write(fd, p, left);
             if (n < 0) {
                 if (errno == ENOSPC) {
-                    say("E SandboxError the files for /box do not fit in its tmpfs: raise --tmpfs-size");
+                    say("E the files for /box do not fit in its tmpfs (%u files): raise "
+                        "tmpfs_size (--tmpfs-size)", S.nfiles);
                     _exit(125);
                 }
                 fail(path);
@@ -344,7 +368,6 @@ static void place_files(void)
 
 static void init(void)
 {
-    prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
     /* No death signal: this process's parent is the launcher, which exits at once,
      * then the supervisor, which adopts it. The supervisor holds the only write end
      * of the control pipe and never writes to it: a hang-up there means it is gone,
@@ -356,7 +379,7 @@ static void init(void)
         char *type = cstr(S.m_type[i]), *data = cstr(S.m_data[i]);
         if (mount(src, target, type, S.m_flags[i], *data ? data : NULL) < 0) {
             int err = errno;
-            say("E SandboxError cannot set up %s (%s): [Errno %d] %s", target, type, err,
+            say("E cannot set up %s (%s): [Errno %d] %s", target, type, err,
                 strerror(err));
             _exit(125);
         }
@@ -459,7 +482,9 @@ static void receive_request(int sock)
 
 static void launcher(int sock)
 {
-    prctl(PR_SET_NAME, "sbx-launcher", 0, 0, 0);
+    /* "sbx-standby" until a request comes: the only name the supervisor reaps when a
+     * zygote dies under a launcher still waiting (warm.py, _reap_orphaned_standbys). */
+    prctl(PR_SET_NAME, "sbx-standby", 0, 0, 0);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) _exit(1);
     /* Ahead of the request: every namespace but the cgroup one, which must come after
      * joining the run's cgroup. A failure is reported once there is a run to fail. */
@@ -471,6 +496,7 @@ static void launcher(int sock)
         early_errno = errno; early_step = "bringing up loopback";
     }
     receive_request(sock);
+    prctl(PR_SET_NAME, "sbx-launcher", 0, 0, 0);
     close(sock);
     if (early_step) { errno = early_errno; fail(early_step); }
     for (int i = 0; i < S.nprocs; i++) {
@@ -488,6 +514,7 @@ static void launcher(int sock)
     if (pid < 0) fail("fork");
     if (pid == 0) {
         char byte;
+        prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
         close(order[1]);
         while (read(order[0], &byte, 1) < 0 && errno == EINTR) {}
         close(order[0]);

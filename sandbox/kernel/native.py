@@ -94,8 +94,20 @@ def _build() -> str | None:
             return None
         os.chmod(temporary, 0o755)
         os.replace(temporary, path)
+        _remove_other_builds(directory, os.path.basename(path))
     except OSError as e:
         log.info("cannot build the C launcher in %s (%s): launching runs in Python",
                  directory, e.strerror)
         return None
     return path
+
+
+def _remove_other_builds(directory: str, keep: str) -> None:
+    """Builds of other sbx versions or compilers; one still in use by a running
+    zygote stays usable (it holds the file open), and the next build is this one."""
+    for name in os.listdir(directory):
+        if name.startswith("launcher-") and name != keep:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass

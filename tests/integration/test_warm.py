@@ -152,8 +152,15 @@ def test_files_land_in_box_owned_by_the_payload(caller):
             try:
                 runner.run(["true"], files={"big": b"x" * (3 << 20)}, tmpfs_size="1M")
                 too_big = None
-            except SandboxError as e:
+            except UsageError as e:
                 too_big = str(e)
+            many = runner.run(["sh", "-c", "ls d | wc -l"],
+                              files={f"d/{n}": b"" for n in range(5000)})
+            try:
+                runner.run("true")
+                not_a_list = None
+            except UsageError as e:
+                not_a_list = str(e)
             try:
                 runner.run(["true"], files={"../escape": b""})
                 escape = None
@@ -161,13 +168,18 @@ def test_files_land_in_box_owned_by_the_payload(caller):
                 escape = str(e)
             after = runner.run(["cat", "a.txt"], files={"a.txt": b"again"})
         print(json.dumps({"ok": ok.to_dict(), "too_big": too_big, "escape": escape,
-                          "after": after.to_dict()}))
+                          "after": after.to_dict(), "many": many.to_dict(),
+                          "not_a_list": not_a_list}))
     """)
     lines = out["ok"]["stdout"].splitlines()
     assert lines[0].split()[1:] == ["h", "e", "l", "l", "o", "\\n", "\\0", "377"], lines
     assert lines[-4:] == ["1000 644 a.txt", "1000 755 d", "1000 755 d/e", "1000 644 d/e/f.bin"]
-    assert "do not fit" in out["too_big"] and "--tmpfs-size" in out["too_big"]
+    # Refused before anything runs, saying what to raise.
+    assert "do not fit" in out["too_big"] and "tmpfs_size" in out["too_big"]
     assert "relative path in /box" in out["escape"]
+    assert "must be a list of strings" in out["not_a_list"]
+    # As many files as a cold run takes (the C launcher has no fixed cap).
+    assert (out["many"]["verdict"], out["many"]["stdout"]) == ("OK", "5000\n")
     # A failed set-up does not spoil the warm sandbox for the next run.
     assert (out["after"]["verdict"], out["after"]["stdout"]) == ("OK", "again")
 
@@ -314,3 +326,35 @@ def test_a_running_payload_dies_with_its_supervisor(caller, launcher):
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+def test_a_runner_used_from_short_lived_threads_keeps_working(caller):
+    """Each thread's warm sandbox dies with the thread; the next thread's run must get a
+    new one (and no pid of a reaped zygote is ever signalled), and nothing is left
+    behind, not even a zombie launcher, once the Runner is closed."""
+    out = run_as(caller, """
+        import json, os, threading, time
+        from sandbox.api import Runner
+        runner = Runner()
+        verdicts = []
+
+        def one():
+            try:
+                verdicts.append(runner.run(["true"]).verdict)
+            except Exception as e:
+                verdicts.append(repr(e))
+
+        for _ in range(4):
+            thread = threading.Thread(target=one)
+            thread.start()
+            thread.join()
+            time.sleep(0.2)  # the thread's zygote dies meanwhile
+        runner.close()
+        mine = []
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                mine += f.read().split()
+        print(json.dumps({"verdicts": verdicts, "children": mine}))
+    """)
+    assert out["verdicts"] == ["OK"] * 4
+    assert out["children"] == [], "zygotes or launchers were left as children"

@@ -340,3 +340,36 @@ def test_parse_count_rejects(text):
 
 def test_parse_count():
     assert parse_count("64", "--pids") == 64 and parse_count(7, "--nofile") == 7
+
+
+def test_box_files_are_plain_relative_paths_given_once():
+    from sandbox.plan import check_box_files
+
+    assert check_box_files({"a.py": "x", "d/e.bin": b"\0"}) == (
+        ("a.py", b"x"),
+        ("d/e.bin", b"\0"),
+    )
+    assert check_box_files([("a", b"1")]) == (("a", b"1"),)
+    for bad in ("", "/abs", "../up", "a/../b", "./a", "a//b", "a/"):
+        with pytest.raises(UsageError, match="plain relative path"):
+            check_box_files({bad: b""})
+    with pytest.raises(UsageError, match="would also be the directory"):
+        check_box_files({"a": b"", "a/b": b""})
+    with pytest.raises(UsageError, match="given twice"):
+        check_box_files([("a", b""), ("a", b"")])
+    with pytest.raises(UsageError, match="mapping"):
+        check_box_files(["a"])
+    with pytest.raises(UsageError, match="bytes or str"):
+        check_box_files({"a": 3})
+
+
+def test_box_files_must_fit_the_tmpfs_in_pages_and_inodes():
+    from sandbox.plan import check_box_fits
+
+    limits = Limits(tmpfs_size_bytes=1 << 20, tmpfs_inodes=100)
+    check_box_fits((("a", b"x" * (1 << 19)),), limits)
+    # 300 one-byte files take 300 pages: more than 1 MiB.
+    with pytest.raises(UsageError, match="do not fit"):
+        check_box_fits(tuple((f"f{n}", b"x") for n in range(300)), limits)
+    with pytest.raises(UsageError, match="100 inodes"):
+        check_box_fits(tuple((f"d/f{n}", b"") for n in range(99)), limits)
