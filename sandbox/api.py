@@ -58,8 +58,8 @@ def check_argv(argv: object) -> None:
         )
     if not argv:
         raise UsageError("no command given")
-    if not all(isinstance(arg, str) for arg in argv):
-        raise UsageError("every argument of the command must be a str")
+    if not all(isinstance(arg, str) and "\0" not in arg for arg in argv):
+        raise UsageError("every argument of the command must be a str without NUL")
 
 
 # Options of the API that `sbx exec` has no flag for.

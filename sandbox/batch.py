@@ -441,6 +441,9 @@ class Batch:
                 result = Result(verdict=IE, error=str(e))
         except OSError as e:
             result = Result(verdict=IE, error=f"cannot read a file of job {job.id!r}: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug must cost one job, not the batch
+            log.exception("job %r: internal error", job.id)
+            result = Result(verdict=IE, error=f"internal error: {type(e).__name__}: {e}")
         finally:
             killed = self._finish_slot(slot)
         # A job still running when stop() came is not written, killed or not: a

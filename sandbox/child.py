@@ -116,9 +116,12 @@ def _new_user_namespace(plan: Plan, fds: ChildFds, supervisor_pid: int, flags: i
     return places
 
 
-def _start_init(plan: Plan, prep: Prepared, fds: ChildFds, places: dict, warm: bool):
+def _start_init(
+    plan: Plan, prep: Prepared, fds: ChildFds, places: dict, warm: bool, joined_s=0.0
+):
     """In the new namespaces: name the host, bring up loopback, fork the sandbox's
-    init, report its pid and this process's CPU time, and exit (init is adopted by the
+    init, report its pid and the CPU time this process used since it joined the run's
+    cgroup (at joined_s of its own CPU time), and exit (init is adopted by the
     supervisor, a child subreaper)."""
     _socket.sethostname(plan.hostname)
     net.loopback_up()
@@ -126,7 +129,7 @@ def _start_init(plan: Plan, prep: Prepared, fds: ChildFds, places: dict, warm: b
     if init_pid == 0:
         stage2(plan, prep, fds, places, warm)
     own = resource.getrusage(resource.RUSAGE_SELF)
-    _say(fds, f"P {init_pid} {own.ru_utime + own.ru_stime}")
+    _say(fds, f"P {init_pid} {own.ru_utime + own.ru_stime - joined_s}")
     os._exit(0)
 
 
@@ -173,6 +176,10 @@ def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher: str | None) 
             # A Ctrl-C on the caller's terminal is for the caller to handle.
             os.setsid()
         places = _new_user_namespace(plan, fds, supervisor_pid, ZYGOTE_NAMESPACES)
+        # The host's /proc, kept open across the pivot: through it the zygote writes
+        # the id maps of each run's own user namespace (the template's /proc shows
+        # nothing of the zygote's pid namespace).
+        proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         template = template_mounts(plan.mounts)
         mode = mounts.build_root(template, places)
         _mount_placeholder_proc(mounts.new_root(mode) + "/proc")
@@ -180,13 +187,14 @@ def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher: str | None) 
         if launcher_fd is not None:
             libc.keep_capabilities_across_exec()
             os.set_inheritable(sock_fd, True)
+            os.set_inheritable(proc_fd, True)
             _say(fds, f"Z {mode} native")
-            os.execve(launcher_fd, ["sbx-launcher", str(sock_fd)], {})
+            os.execve(launcher_fd, ["sbx-launcher", str(sock_fd), str(proc_fd)], {})
         _say(fds, f"Z {mode} python")
     except BaseException as e:  # noqa: BLE001
         _fail(fds, e)
     try:
-        _serve(sock_fd)
+        _serve(sock_fd, proc_fd)
     finally:
         os._exit(1)  # never back into the supervisor's code
 
@@ -212,12 +220,14 @@ def _mount_placeholder_proc(path: str) -> None:
         raise OSError("cannot mount the template's placeholder /proc")
 
 
-def _serve(sock_fd: int) -> None:
+def _serve(sock_fd: int, proc_fd: int) -> None:
     """One launch at a time: receive a run's plan and descriptors, fork its launcher,
-    reap it, then tell the supervisor (R, on the socket) that init is now its child."""
+    write the id maps of the launcher's user namespace, reap it, then tell the
+    supervisor (R, on the socket) that init is now its child."""
     import pickle  # loaded before the pivot (see zygote), like every module used here
 
     gc.freeze()  # what the zygote holds now stays shared with every fork
+    maps = [_identity_map(proc_fd, name) for name in ("uid_map", "gid_map")]
     sock = _socket.socket(fileno=sock_fd)
     while True:
         message = fdpass.receive_message(sock, MAX_LAUNCH_FDS)
@@ -227,27 +237,77 @@ def _serve(sock_fd: int) -> None:
         plan, prep, layout = pickle.loads(body)
         fds = ChildFds(*(None if i is None else received[i] for i in layout[0]))
         procs_fds = [received[i] for i in layout[1]]
+        up_r, up_w = os.pipe()
+        down_r, down_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _launch(plan, prep, fds, procs_fds)
-        for fd in received:
+            os.close(proc_fd)
+            _launch(plan, prep, fds, procs_fds, (up_w, down_r))
+        for fd in (*received, up_w, down_r):
             os.close(fd)
+        answer = b"F"
+        if os.read(up_r, 1) == b"U":
+            try:
+                for name, text in zip(("uid_map", "gid_map"), maps):
+                    _write_at(proc_fd, f"{pid}/{name}", text)
+                answer = b"M"
+            except OSError:
+                pass  # the launcher reports it
+        try:
+            os.write(down_w, answer)
+        except OSError:
+            pass  # the launcher is gone; waitpid says so
+        os.close(up_r)
+        os.close(down_w)
         os.waitpid(pid, 0)
         os.write(sock_fd, b"R\n")
 
 
-def _launch(plan: Plan, prep: Prepared, fds: ChildFds, procs_fds: list[int]) -> None:
+def _identity_map(proc_fd: int, name: str) -> str:
+    """This process's id map, each range mapped onto itself: the map of a user
+    namespace nested in this one, with the same ids."""
+    fd = os.open(f"{os.getpid()}/{name}", os.O_RDONLY, dir_fd=proc_fd)
     try:
-        _close_all_but({0, 1, 2, *_child_fds(fds), *procs_fds})
+        text = os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    return "".join(f"{inside} {inside} {count}\n" for inside, _, count in lines)
+
+
+def _write_at(dir_fd: int, path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY, dir_fd=dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _launch(
+    plan: Plan, prep: Prepared, fds: ChildFds, procs_fds: list[int], zygote: tuple
+) -> None:
+    try:
+        to_zygote, from_zygote = zygote
+        keep = {0, 1, 2, *_child_fds(fds), *procs_fds, to_zygote, from_zygote}
+        _close_all_but(keep)
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # A user namespace of the run's own, nested in the zygote's, which writes
+        # its maps (the same ids onto themselves): see launcher.c.
+        libc.unshare(libc.CLONE_NEWUSER)
+        os.write(to_zygote, b"U")
+        if os.read(from_zygote, 1) != b"M":
+            raise OSError(errno.EPERM, "the zygote could not write the run's id maps")
+        os.close(to_zygote)
+        os.close(from_zygote)
         for fd in procs_fds:
             try:
                 os.write(fd, b"0")
             except OSError as e:
                 raise OSError(e.errno, f"cannot join the run's cgroup: {e.strerror}") from e
             os.close(fd)
+        own = resource.getrusage(resource.RUSAGE_SELF)
         libc.unshare(RUN_NAMESPACES)
-        _start_init(plan, prep, fds, {}, warm=True)
+        _start_init(plan, prep, fds, {}, True, own.ru_utime + own.ru_stime)
     except BaseException as e:  # noqa: BLE001
         _fail(fds, e)
 
@@ -372,7 +432,6 @@ def stage3(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
         _set_rlimits(prep)
         libc.drop_bounding_set()
         _set_ids(plan)
-        libc.clear_user_keyrings()
         os.chdir(plan.cwd)
         _close_other_fds(fds)
         libc.clear_capabilities()

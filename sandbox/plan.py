@@ -202,7 +202,7 @@ def check_box_files(files: object) -> tuple[tuple[str, bytes], ...]:
         raise UsageError("files: give a mapping of path in /box -> bytes or str")
     checked, names = [], set()
     for name, content in pairs:
-        parts = name.split("/") if isinstance(name, str) else [""]
+        parts = name.split("/") if isinstance(name, str) and "\0" not in name else [""]
         if any(p in ("", ".", "..") for p in parts):
             raise UsageError(
                 f"file name {name!r} must be a plain relative path in /box "

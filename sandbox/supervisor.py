@@ -281,6 +281,9 @@ def _start_warm(r: Run, zygote) -> None:
         for fd in fds.close_in_parent:
             os.close(fd)
     _take_init(r, _expect(r, "P"))
+    # The C init starts the payload without a word from here: the wall clock starts
+    # now, before it can.
+    r.payload_started = time.monotonic()
     r.zygote = zygote
     if not zygote.native:
         # The Python init arms its death signal once adopted; the C one watches the
@@ -488,7 +491,7 @@ def _watch(r: Run) -> None:
     """Until the payload exits or a limit trips: drain output, feed stdin, take
     seccomp violations, and check the wall clock and CPU time."""
     limits = r.plan.limits
-    r.payload_started = time.monotonic()
+    r.payload_started = r.payload_started or time.monotonic()
     wall_deadline = (
         None if limits.wall_timeout_s is None else r.payload_started + limits.wall_timeout_s
     )
@@ -574,17 +577,27 @@ def _on_report(r: Run, fd: int, events: int) -> bool:
 def _handle_lines(r: Run) -> None:
     while r.lines:
         line = r.lines.pop(0)
-        kind, _, rest = line.partition(" ")
-        if kind == "S":
-            status, rss, utime, stime = rest.split()
-            r.status, r.max_rss_kib = int(status), int(rss)
-            r.init_setup_cpu_s = float(utime) + float(stime)
-        elif kind == "F":
-            r.root_mode = rest
-        elif kind == "X":
-            r.exec_errno = int(rest)
-        elif kind == "E":
-            r.error = f"sandbox setup failed: {rest}"
+        try:
+            _handle_line(r, line)
+        except ValueError:
+            r.error = f"sandbox setup failed: a malformed message {line[:80]!r}"
+
+
+def _handle_line(r: Run, line: str) -> None:
+    """One line from init (only sbx's processes hold the report pipe)."""
+    kind, _, rest = line.partition(" ")
+    if kind == "S":
+        status, rss, utime, stime = rest.split()
+        r.status, r.max_rss_kib = int(status), int(rss)
+        r.init_setup_cpu_s = float(utime) + float(stime)
+    elif kind == "F":
+        r.root_mode = rest
+    elif kind == "X":
+        r.exec_errno = int(rest)
+    elif kind == "E":
+        r.error = f"sandbox setup failed: {rest}"
+    else:
+        raise ValueError(line)
 
 
 def _stream_handler(stream: Stream):

@@ -51,7 +51,7 @@ class Zygote:
         supervisor.become_subreaper()
         launcher = native.launcher_path()
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        me = os.getpid()
+        me = self.owner = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
             child.zygote(plan, theirs.detach(), me, launcher)
@@ -98,8 +98,8 @@ class Zygote:
         self._expect("R")
 
     def alive(self) -> bool:
-        if self.pid == 0:
-            return False
+        if self.pid == 0 or os.getpid() != self.owner:
+            return False  # gone, or this is a fork of the process that made it
         if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
             return True
         # Dead (its thread ended) and now reaped: its pid may be reused at once, so
@@ -112,11 +112,11 @@ class Zygote:
         """Kill the zygote (call it between runs); the launcher it keeps waiting
         dies with it, and is reaped here. Runs already launched belong to their
         supervisor, which kills them."""
-        if self.pid:
+        if self.pid and os.getpid() == self.owner:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-            self.pid = 0
             _reap_orphaned_standbys()
+        self.pid = 0
         self._sock.close()
 
     def _expect(self, kind: str) -> str:

@@ -54,8 +54,10 @@ def send_message(sock: _socket.socket, body: bytes, fds: list[int]) -> None:
 
 def receive_message(sock: _socket.socket, max_fds: int) -> tuple[bytes, list[int]] | None:
     """The next message and its descriptors; None when the peer has closed."""
+    # Close-on-exec like every descriptor sbx opens: received without it, they would
+    # reach the payload across its execve.
     header, ancillary, flags, _ = sock.recvmsg(
-        _HEADER_BYTES, _socket.CMSG_SPACE(max_fds * _FD_SIZE)
+        _HEADER_BYTES, _socket.CMSG_SPACE(max_fds * _FD_SIZE), _socket.MSG_CMSG_CLOEXEC
     )
     if not header:
         return None

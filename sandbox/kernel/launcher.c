@@ -8,7 +8,9 @@
  *
  *   zygote loop: fork the next run's launcher, reap it, write "R" on the socket
  *                (init has been handed over to the supervisor), again
- *   launcher:    unshare the run's namespaces and bring up loopback ahead of time,
+ *   launcher:    ahead of time: unshare a user namespace of the run's own (the zygote
+ *                writes its maps: the zygote's ids onto themselves), then the run's
+ *                other namespaces, and bring up loopback; then
  *                receive the run (descriptors + a spec) from the socket, join the
  *                run's cgroup, unshare the cgroup namespace, name the host, fork
  *                init, write "P <pid> <cpu s>", exit
@@ -138,7 +140,7 @@ static struct str string(struct reader *r)
 
 static char *cstr(struct str s)
 {
-    char *c = malloc(s.n + 1);
+    char *c = malloc((size_t)s.n + 1);
     if (!c) fail("malloc");
     memcpy(c, s.p, s.n); c[s.n] = 0;
     return c;
@@ -231,6 +233,10 @@ static void send_fd(int sock, int fd)
 
 static long load_filter(struct str program, unsigned flags)
 {
+    if (program.n / sizeof(struct sock_filter) > BPF_MAXINSNS) {
+        errno = E2BIG;
+        return -1;
+    }
     struct sock_fprog prog = { (unsigned short)(program.n / sizeof(struct sock_filter)),
                                (struct sock_filter *)cstr(program) };
     return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
@@ -282,10 +288,6 @@ static void payload(void)
     if (S.setgroups && setgroups(0, NULL) < 0) fail("setgroups");
     if (setresgid(S.gid, S.gid, S.gid) < 0) fail("setresgid");
     if (setresuid(S.uid, S.uid, S.uid) < 0) fail("setresuid");
-    /* The user keyrings belong to the uid in the user namespace, which warm runs
-     * share: whatever a previous run left there goes before this one starts. */
-    syscall(SYS_keyctl, 7 /* KEYCTL_CLEAR */, -4 /* KEY_SPEC_USER_KEYRING */);
-    syscall(SYS_keyctl, 7, -5 /* KEY_SPEC_USER_SESSION_KEYRING */);
     char *cwd = cstr(S.cwd);
     if (chdir(cwd) < 0) fail(cwd);
     /* Keep 0-2, the report pipe and the listener socket: close the rest. */
@@ -480,17 +482,70 @@ static void receive_request(int sock)
     parse(body, len, fds, nfds);
 }
 
-static void launcher(int sock)
+/* Each run gets a user namespace of its own, nested in the zygote's and mapping the
+ * same ids to themselves, so that nothing that lives in a user namespace (keyrings,
+ * the per-user task count) is shared between runs. The zygote writes its maps. */
+static int proc_fd = -1; /* the host's /proc, opened by the Python zygote before its pivot */
+static char uid_map[512], gid_map[512];
+
+static void identity_map(const char *name, char *out, size_t size)
+{
+    char path[64], text[512];
+    snprintf(path, sizeof path, "%d/%s", getpid(), name);
+    int fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
+    if (fd >= 0) close(fd);
+    out[0] = 0;
+    if (n <= 0) return;
+    text[n] = 0;
+    size_t used = 0;
+    unsigned long inside, outside, count;
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
+        if (sscanf(line, "%lu %lu %lu", &inside, &outside, &count) == 3)
+            used += snprintf(out + used, size - used, "%lu %lu %lu\n", inside, inside, count);
+}
+
+static int write_maps(pid_t pid)
+{
+    const char *names[2] = { "uid_map", "gid_map" };
+    const char *maps[2] = { uid_map, gid_map };
+    for (int i = 0; i < 2; i++) {
+        char path[64];
+        snprintf(path, sizeof path, "%d/%s", pid, names[i]);
+        int fd = openat(proc_fd, path, O_WRONLY | O_CLOEXEC);
+        if (fd < 0) return -1;
+        ssize_t n = write(fd, maps[i], strlen(maps[i]));
+        close(fd);
+        if (n != (ssize_t)strlen(maps[i])) return -1;
+    }
+    return 0;
+}
+
+static void launcher(int sock, int to_zygote, int from_zygote)
 {
     /* "sbx-standby" until a request comes: the only name the supervisor reaps when a
      * zygote dies under a launcher still waiting (warm.py, _reap_orphaned_standbys). */
     prctl(PR_SET_NAME, "sbx-standby", 0, 0, 0);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) _exit(1);
+    close(proc_fd);
     /* Ahead of the request: every namespace but the cgroup one, which must come after
      * joining the run's cgroup. A failure is reported once there is a run to fail. */
     int early_errno = 0;
     const char *early_step = NULL;
-    if (unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS) < 0) {
+    char said = 'U', answer = 0;
+    if (unshare(CLONE_NEWUSER) < 0) {
+        early_errno = errno; early_step = "unshare(CLONE_NEWUSER)"; said = 'F';
+    }
+    if (write(to_zygote, &said, 1) != 1 || read(from_zygote, &answer, 1) != 1) _exit(1);
+    close(to_zygote);
+    close(from_zygote);
+    if (!early_step && answer != 'M') {
+        early_errno = EPERM; early_step = "writing the run's id maps";
+    }
+    if (early_step) {
+        /* reported below, with the request */
+    } else if (unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
+                       | CLONE_NEWUTS) < 0) {
         early_errno = errno; early_step = "unshare";
     } else if (loopback_up() < 0) {
         early_errno = errno; early_step = "bringing up loopback";
@@ -503,6 +558,8 @@ static void launcher(int sock)
         if (write(S.procs[i], "0", 1) != 1) fail("joining the run's cgroup");
         close(S.procs[i]);
     }
+    /* Only what this process uses from now on is charged to the run's cgroup. */
+    double joined_cpu = cpu_seconds();
     if (unshare(CLONE_NEWCGROUP) < 0) fail("unshare(CLONE_NEWCGROUP)");
     char *name = cstr(S.hostname);
     if (sethostname(name, strlen(name)) < 0) fail("sethostname");
@@ -520,7 +577,7 @@ static void launcher(int sock)
         close(order[0]);
         init();
     }
-    say("P %d %.6f", pid, cpu_seconds());
+    say("P %d %.6f", pid, cpu_seconds() - joined_cpu);
     _exit(0);
 }
 
@@ -528,13 +585,30 @@ static void launcher(int sock)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2) return 2;
+    if (argc != 3) return 2;
     int sock = atoi(argv[1]);
+    proc_fd = atoi(argv[2]);
+    fcntl(proc_fd, F_SETFD, FD_CLOEXEC);
     prctl(PR_SET_NAME, "sbx-zygote", 0, 0, 0);
+    identity_map("uid_map", uid_map, sizeof uid_map);
+    identity_map("gid_map", gid_map, sizeof gid_map);
     for (;;) {
+        int up[2], down[2];
+        if (pipe2(up, O_CLOEXEC) < 0 || pipe2(down, O_CLOEXEC) < 0) return 1;
         pid_t pid = fork();
         if (pid < 0) return 1;
-        if (pid == 0) launcher(sock);
+        if (pid == 0) {
+            close(up[0]);
+            close(down[1]);
+            launcher(sock, up[1], down[0]);
+        }
+        close(up[1]);
+        close(down[0]);
+        char said = 0, answer = 'F';
+        if (read(up[0], &said, 1) == 1 && said == 'U' && write_maps(pid) == 0) answer = 'M';
+        if (write(down[1], &answer, 1) < 0) { /* the launcher died; waitpid tells */ }
+        close(up[0]);
+        close(down[1]);
         int status;
         while (waitpid(pid, &status, 0) < 0)
             if (errno != EINTR) return 1;

@@ -48,9 +48,9 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYSCALLS = {
     "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "setns": 308,
-               "pidfd_open": 434, "keyctl": 250},
+               "pidfd_open": 434},
     "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "setns": 268,
-                "pidfd_open": 434, "keyctl": 219},
+                "pidfd_open": 434},
 }[os.uname().machine]
 
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -161,15 +161,3 @@ def keep_capabilities_across_exec() -> None:
         if data[cap // 32].permitted & (1 << cap % 32):
             prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
 
-
-KEYCTL_CLEAR = 7
-KEY_SPEC_USER_KEYRING = -4
-KEY_SPEC_USER_SESSION_KEYRING = -5
-
-
-def clear_user_keyrings() -> None:
-    """Empty the calling uid's user and user-session keyrings, which live as long as
-    the user namespace does (warm runs share one): best effort, as a kernel without
-    keys has nothing to clear."""
-    for keyring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING):
-        _libc.syscall(_SYSCALLS["keyctl"], KEYCTL_CLEAR, keyring)

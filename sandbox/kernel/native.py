@@ -75,8 +75,14 @@ def _build() -> str | None:
     facts = b"\0".join([source, os.uname().machine.encode(), compiler_id])
     directory = _cache_dir()
     path = os.path.join(directory, f"launcher-{sha256(facts).hexdigest()[:24]}")
+    if os.path.isdir(directory) and not _private(directory):
+        log.warning("%s is not private to this user (owner and mode 0700 expected): "
+                    "warm sandboxes launch runs in Python", directory)
+        return None
     if os.access(path, os.X_OK):
-        return path
+        if _private(path, 0o022):
+            return path
+        os.unlink(path)  # in our own private directory: rebuilt below
     import subprocess
     import tempfile
 
@@ -100,6 +106,22 @@ def _build() -> str | None:
                  directory, e.strerror)
         return None
     return path
+
+
+def _private(path: str, forbidden: int = 0o077) -> bool:
+    """Owned by this user, no symbolic link, and none of the forbidden mode bits: a
+    binary that sbx runs with the run's descriptors must be the caller's own."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    import stat
+
+    return (
+        st.st_uid == os.geteuid()
+        and not stat.S_ISLNK(st.st_mode)
+        and not st.st_mode & forbidden
+    )
 
 
 def _remove_other_builds(directory: str, keep: str) -> None:

@@ -259,25 +259,32 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_key_left_in_the_user_keyring_is_gone_for_the_next_run(caller, launcher):
-    """Runs of a zygote share its user namespace, where the user keyrings live: with a
-    policy that lets a run add a key, the next run still cannot find it."""
+def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher):
+    """Keyrings live in a user namespace: each warm run has its own (nested in the
+    zygote's), so with a policy that lets a run add keys, lock its keyring and use
+    the persistent one, the next run still finds none of them."""
     if os.uname().machine != "x86_64":
         pytest.skip("the probe uses x86_64 syscall numbers (add_key 248, keyctl 250)")
     policy = Path(tempfile.mkdtemp()) / "allow-all.json"
     policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
     os.chmod(policy.parent, 0o755)
     os.chmod(policy, 0o644)
+    # Three places a key could stay: the user keyring, the user keyring made
+    # read-only (so that it could not be emptied), and the persistent keyring.
     keys = (
         "import ctypes, sys\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "USER = -4\n"
+        "ADD_KEY, KEYCTL, USER = 248, 250, -4\n"
+        "persistent = libc.syscall(KEYCTL, 22, -1, -2)\n"
         "if sys.argv[1] == 'add':\n"
-        "    key = libc.syscall(248, b'user', b'sbx-left', b'secret', 6, USER)\n"
-        "    print('added' if key > 0 else 'add failed %d' % ctypes.get_errno())\n"
+        "    a = libc.syscall(ADD_KEY, b'user', b'sbx-left', b'secret', 6, USER)\n"
+        "    b = libc.syscall(ADD_KEY, b'user', b'sbx-kept', b'secret', 6, persistent)\n"
+        "    locked = libc.syscall(KEYCTL, 5, USER, 0x0b0b0000)\n"
+        "    print('added' if a > 0 and b > 0 and locked == 0 else 'add failed')\n"
         "else:\n"
-        "    found = libc.syscall(250, 10, USER, b'user', b'sbx-left', 0)\n"
-        "    print('found' if found > 0 else 'not found')\n"
+        "    left = libc.syscall(KEYCTL, 10, USER, b'user', b'sbx-left', 0)\n"
+        "    kept = libc.syscall(KEYCTL, 10, persistent, b'user', b'sbx-kept', 0)\n"
+        "    print('found' if left > 0 or kept > 0 else 'not found')\n"
     )
     out = run_as(caller, f"""
         import json
@@ -358,3 +365,46 @@ def test_a_runner_used_from_short_lived_threads_keeps_working(caller):
     """)
     assert out["verdicts"] == ["OK"] * 4
     assert out["children"] == [], "zygotes or launchers were left as children"
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_the_payload_holds_only_stdio(caller, launcher):
+    """The descriptors the zygote receives for a run (report pipe, listener socket,
+    cgroup files) never reach the payload: it could forge its own result."""
+    out = run_as(caller, """
+        import json
+        from sandbox.api import Runner
+        with Runner(profile="strict") as runner:
+            result = runner.run(["python3", "-c",
+                                 "import os; print(sorted(os.listdir('/proc/self/fd')))"])
+        print(json.dumps(result.to_dict()))
+    """, launcher)
+    # 3 is the directory listdir itself opened.
+    assert out["stdout"] == "['0', '1', '2', '3']\n", out
+
+
+def test_the_task_limit_counts_as_in_a_cold_run(user_caller):
+    """Without a cgroup, --pids is RLIMIT_NPROC, counted per user in a user namespace:
+    each warm run has its own, so sbx's processes outside it do not count."""
+    out = run_as(user_caller, """
+        import json
+        from sandbox.api import Runner, run
+        fork = ("import os, time\\n"
+                "n = 0\\n"
+                "try:\\n"
+                "    while n < 50:\\n"
+                "        if os.fork() == 0: time.sleep(3); os._exit(0)\\n"
+                "        n += 1\\n"
+                "except OSError: pass\\n"
+                "print(n)")
+        options = dict(pids=10, idmap="self", capture=True)
+        cold = run(["python3", "-c", fork], "strict", **options)
+        with Runner(profile="strict", **options) as runner:
+            warm = runner.run(["python3", "-c", fork])
+        print(json.dumps([cold.to_dict(), warm.to_dict()]))
+    """)
+    cold, warm = out
+    if cold["limits"]["pids_max"]["mechanism"] != "rlimit":
+        pytest.skip("this host gives the test user a pids cgroup")
+    assert int(cold["stdout"]) > 0
+    assert int(warm["stdout"]) >= int(cold["stdout"]), (cold["stdout"], warm["stdout"])

@@ -373,3 +373,13 @@ def test_box_files_must_fit_the_tmpfs_in_pages_and_inodes():
         check_box_fits(tuple((f"f{n}", b"x") for n in range(300)), limits)
     with pytest.raises(UsageError, match="100 inodes"):
         check_box_fits(tuple((f"d/f{n}", b"") for n in range(99)), limits)
+
+
+def test_nul_bytes_are_refused_in_commands_and_file_names():
+    from sandbox.api import check_argv
+    from sandbox.plan import check_box_files
+
+    with pytest.raises(UsageError, match="without NUL"):
+        check_argv(["echo", "a\0b"])
+    with pytest.raises(UsageError, match="plain relative path"):
+        check_box_files({"x\0y": b""})
