@@ -150,15 +150,13 @@ ZYGOTE_NAMESPACES = libc.CLONE_NEWUSER | libc.CLONE_NEWNS
 MAX_LAUNCH_FDS = 16
 
 
-def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher: str | None) -> None:
+def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher_fd: int | None) -> None:
     """Build the template root of plan.warm_key and serve launch requests on sock_fd
-    until the supervisor closes it: with the C launcher (the compiled launcher.c, see
-    kernel/native.py) by exec'ing it, else in Python. Set-up lines (U, Z, E) go over
-    the same socket."""
+    until the supervisor closes it: with the C launcher (a descriptor of the compiled
+    launcher.c, see kernel/native.py) by exec'ing it, else in Python. Set-up lines
+    (U, Z, E) go over the same socket."""
     fds = ChildFds(sock_fd, sock_fd, None, None, None, None)
     try:
-        # Opened now: after the pivot, only the template's root is reachable.
-        launcher_fd = None if launcher is None else os.open(launcher, os.O_RDONLY)
         keep = {0, 1, 2, sock_fd} | ({launcher_fd} if launcher_fd is not None else set())
         # What the launches need must be imported before the pivot hides the package:
         # stage 3 installs seccomp filters, and unpickling a plan finds their class.
@@ -432,6 +430,7 @@ def stage3(plan: Plan, prep: Prepared, fds: ChildFds) -> None:
         _set_rlimits(prep)
         libc.drop_bounding_set()
         _set_ids(plan)
+        libc.join_new_session_keyring()
         os.chdir(plan.cwd)
         _close_other_fds(fds)
         libc.clear_capabilities()

@@ -49,9 +49,12 @@ class Zygote:
         # What this host's cgroups offer, read once for all the zygote's runs.
         self.cgroup_facts = cgroups.read_facts()
         supervisor.become_subreaper()
-        launcher = native.launcher_path()
+        launcher = native.launcher_fd()
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         me = self.owner = os.getpid()
+        # It dies with the thread that makes it (PR_SET_PDEATHSIG): only that very
+        # thread may use it, not a later one that got the same thread id.
+        self.thread = threading.current_thread()
         self.pid = os.fork()
         if self.pid == 0:
             child.zygote(plan, theirs.detach(), me, launcher)
@@ -145,9 +148,14 @@ def _reap_orphaned_standbys() -> None:
     for pid in procstat.children(os.getpid()):
         try:
             with open(f"/proc/{pid}/comm", "rb") as f:
-                if f.read().strip() != b"sbx-standby":
-                    continue
-        except OSError:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        # A launcher that died mid-launch with its zygote is orphaned as well: as a
+        # child of this process, a launcher can only be such an orphan.
+        if name != b"sbx-standby" and not (name == b"sbx-launcher" and state == b"Z"):
             continue
         try:
             os.kill(pid, signal.SIGKILL)
@@ -278,9 +286,11 @@ class Pool:
     def _take(self, key: int) -> Zygote | None:
         with self._lock:
             zygote = self._idle.get(key, {}).pop(threading.get_ident(), None)
-        if zygote is not None and not zygote.alive():
-            # Its thread ended (it dies with the thread that made it) and this one
-            # got the same id.
+        if zygote is not None and (
+            zygote.thread is not threading.current_thread() or not zygote.alive()
+        ):
+            # Its thread ended, and this one got the same thread id: the zygote is
+            # dead or about to die with that thread.
             zygote.close()
             return None
         return zygote

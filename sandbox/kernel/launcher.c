@@ -288,6 +288,10 @@ static void payload(void)
     if (S.setgroups && setgroups(0, NULL) < 0) fail("setgroups");
     if (setresgid(S.gid, S.gid, S.gid) < 0) fail("setresgid");
     if (setresuid(S.uid, S.uid, S.uid) < 0) fail("setresuid");
+    /* A session keyring of the run's own, not the caller's (keyrings are checked by
+     * host uid, so the payload would hold the caller's rights on it). */
+    if (syscall(SYS_keyctl, 1 /* KEYCTL_JOIN_SESSION_KEYRING */, NULL) < 0 && errno != ENOSYS)
+        fail("keyctl(KEYCTL_JOIN_SESSION_KEYRING)");
     char *cwd = cstr(S.cwd);
     if (chdir(cwd) < 0) fail(cwd);
     /* Keep 0-2, the report pipe and the listener socket: close the rest. */

@@ -11,6 +11,7 @@ names the call and says what to do.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -48,9 +49,9 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYSCALLS = {
     "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "setns": 308,
-               "pidfd_open": 434},
+               "pidfd_open": 434, "keyctl": 250},
     "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "setns": 268,
-                "pidfd_open": 434},
+                "pidfd_open": 434, "keyctl": 219},
 }[os.uname().machine]
 
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -161,3 +162,14 @@ def keep_capabilities_across_exec() -> None:
         if data[cap // 32].permitted & (1 << cap % 32):
             prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
 
+
+
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """A new anonymous session keyring for the calling process, instead of the one it
+    inherited (the caller's). A kernel without keys has nothing to replace."""
+    result = _libc.syscall(_SYSCALLS["keyctl"], KEYCTL_JOIN_SESSION_KEYRING, None)
+    if result < 0 and ctypes.get_errno() != errno.ENOSYS:
+        _check(result, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")

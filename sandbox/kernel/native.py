@@ -23,17 +23,36 @@ log = logs.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.c")
 _lock = threading.Lock()
-_built: dict[str, str | None] = {}
+_built: dict[str, int | None] = {}
 
 
-def launcher_path() -> str | None:
-    """The compiled launcher, built now if needed; None to use the Python one."""
+def launcher_fd() -> int | None:
+    """A descriptor of the compiled launcher, built now if needed, checked once and
+    kept open for the life of this process (zygotes exec it by descriptor, so what
+    was checked is what runs); None to use the Python launcher."""
     if os.environ.get("SBX_PYTHON_LAUNCHER"):
         return None
     with _lock:
         if SOURCE not in _built:
-            _built[SOURCE] = _build()
+            _built[SOURCE] = _open_checked(_build())
         return _built[SOURCE]
+
+
+def _open_checked(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        log.warning("cannot open the C launcher %s (%s): launching runs in Python",
+                    path, e.strerror)
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        log.warning("%s is not the caller's own: launching runs in Python", path)
+        return None
+    return fd
 
 
 def _cache_dir() -> str:

@@ -351,11 +351,12 @@ def test_a_runner_used_from_short_lived_threads_keeps_working(caller):
             except Exception as e:
                 verdicts.append(repr(e))
 
-        for _ in range(4):
+        for n in range(30):
             thread = threading.Thread(target=one)
             thread.start()
             thread.join()
-            time.sleep(0.2)  # the thread's zygote dies meanwhile
+            if n % 10 == 0:
+                time.sleep(0.2)  # the thread's zygote dies meanwhile
         runner.close()
         mine = []
         for tid in os.listdir("/proc/self/task"):
@@ -363,7 +364,7 @@ def test_a_runner_used_from_short_lived_threads_keeps_working(caller):
                 mine += f.read().split()
         print(json.dumps({"verdicts": verdicts, "children": mine}))
     """)
-    assert out["verdicts"] == ["OK"] * 4
+    assert out["verdicts"] == ["OK"] * 30
     assert out["children"] == [], "zygotes or launchers were left as children"
 
 
@@ -408,3 +409,36 @@ def test_the_task_limit_counts_as_in_a_cold_run(user_caller):
         pytest.skip("this host gives the test user a pids cgroup")
     assert int(cold["stdout"]) > 0
     assert int(warm["stdout"]) >= int(cold["stdout"]), (cold["stdout"], warm["stdout"])
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_the_callers_session_keyring_is_not_the_payloads(caller, launcher):
+    """Keyrings are checked by host uid, so a payload holding the caller's session
+    keyring could read and change the caller's keys: each payload gets a new one."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the probe uses x86_64 syscall numbers (add_key 248, keyctl 250)")
+    policy = Path(tempfile.mkdtemp()) / "allow-all.json"
+    policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
+    os.chmod(policy.parent, 0o755)
+    os.chmod(policy, 0o644)
+    find = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "found = libc.syscall(250, 10, -3, b'user', b'sbx-caller-secret', 0)\n"
+        "print('found' if found > 0 else 'not found')\n"
+    )
+    out = run_as(caller, f"""
+        import ctypes, json
+        from sandbox.api import Runner, run
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(250, 1, b"sbx-test-session")  # join a named session keyring
+        key = libc.syscall(248, b"user", b"sbx-caller-secret", b"secret", 6, -3)
+        with Runner(seccomp={str(policy)!r}) as runner:
+            warm = runner.run(["python3", "-c", {find!r}])
+        cold = run(["python3", "-c", {find!r}], seccomp={str(policy)!r}, capture=True)
+        print(json.dumps([key > 0, warm.to_dict(), cold.to_dict()]))
+    """, launcher)
+    added, warm, cold = out
+    assert added, "the test could not add a key to its own session keyring"
+    assert warm["stdout"] == "not found\n", warm
+    assert cold["stdout"] == "not found\n", cold
