@@ -1,6 +1,7 @@
 """Grade the 164 HumanEval canonical solutions three ways, in one run:
 
-  sbx      `sbx batch --jobs 2 --profile strict`: one warm process, forks per run
+  sbx      `sbx batch --jobs 2 --profile strict`, the installed `sbx` on PATH as a
+           user types it ($SBX to time another command): warm sandboxes, one per job
   bwrap    the same programs under `bwrap --unshare-all` (read-only /usr, the program
            in a read-only /box), two at a time from a Python thread pool
   bare     the same programs, unsandboxed, two at a time
@@ -21,6 +22,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,9 +72,13 @@ def write_programs(tasks: list[dict], directory: Path) -> list[Path]:
 
 
 def sbx_command() -> list[str]:
-    """How to start sbx: $SBX (split on spaces), else this checkout's package."""
+    """How to start sbx: $SBX (split on spaces), else what a user types, the installed
+    `sbx` (setup.sh installs this checkout), else this checkout's package."""
     if os.environ.get("SBX"):
         return os.environ["SBX"].split()
+    installed = shutil.which("sbx")
+    if installed:
+        return [installed]
     return [sys.executable, "-m", "sandbox"]
 
 

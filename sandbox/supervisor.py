@@ -143,8 +143,11 @@ def run(
 
     become_subreaper()
     facts = zygote.cgroup_facts if zygote is not None else None
+    said = zygote.warnings_said if zygote is not None else None
     run_id = os.urandom(6).hex()
-    cgroup = cgroups.open_run_cgroup(plan.limits, run_id, plan.require_cgroup, facts)
+    cgroup = cgroups.open_run_cgroup(
+        plan.limits, run_id, plan.require_cgroup, facts, said
+    )
     r = None
     try:
         r = Run(plan, cgroup, _prepare(plan, cgroup))

@@ -46,8 +46,10 @@ class Zygote:
         self.key = plan.warm_key
         if self.key is None:
             raise ValueError("this plan cannot run in a warm sandbox")
-        # What this host's cgroups offer, read once for all the zygote's runs.
+        # What this host's cgroups offer, read once for all the zygote's runs, and
+        # the weakened limits already logged for them (each Result still has all).
         self.cgroup_facts = cgroups.read_facts()
+        self.warnings_said: set = set()
         supervisor.become_subreaper()
         launcher = native.launcher_fd()
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)

@@ -967,11 +967,17 @@ def _open_cgroup1(plan: MechanismPlan, facts: CgroupFacts, limits, run_id: str):
 
 
 def open_run_cgroup(
-    limits: Limits, run_id: str, require_cgroup: bool, facts: CgroupFacts | None = None
+    limits: Limits,
+    run_id: str,
+    require_cgroup: bool,
+    facts: CgroupFacts | None = None,
+    said: set | None = None,
 ) -> RunCgroup:
     """Create the run's cgroup with the best mechanism this host offers, or return
-    the rlimit fallback (every weakened limit logged as a WARNING). facts: what
-    read_facts() returned, for a caller that runs many sandboxes in a row.
+    the rlimit fallback (every weakened limit logged as a WARNING, and recorded in
+    the run's warnings). facts: what read_facts() returned, for a caller that runs
+    many sandboxes in a row; said: the warnings it has logged already, not logged
+    again (they are the same on every run).
 
     Raises SandboxError when `require_cgroup` cannot be met, or when a cgroup this
     process was able to create cannot be set up.
@@ -981,22 +987,25 @@ def open_run_cgroup(
     plan = plan_mechanisms(facts, limits, require_cgroup)
     if plan.backend == "cgroup2" and plan.refusal is None:
         try:
-            return _finish(_open_cgroup2(plan, facts, limits, run_id))
+            return _finish(_open_cgroup2(plan, facts, limits, run_id), said)
         except SandboxError as e:
             log.info("cgroup v2 cannot be used: %s", e)
             plan = plan_mechanisms(facts, limits, require_cgroup, v2_failure=str(e))
     if plan.refusal:
         raise SandboxError(plan.refusal)
     if plan.backend == "cgroup1":
-        return _finish(_open_cgroup1(plan, facts, limits, run_id))
+        return _finish(_open_cgroup1(plan, facts, limits, run_id), said)
     for reason in plan.no_cgroup_reasons:
         log.info("no cgroup: %s", reason)
-    return _finish(RunCgroup(plan))
+    return _finish(RunCgroup(plan), said)
 
 
-def _finish(run: RunCgroup) -> RunCgroup:
+def _finish(run: RunCgroup, said: set | None = None) -> RunCgroup:
     for warning in run.warnings:
-        log.warning("%s", warning)
+        if said is None or warning not in said:
+            log.warning("%s", warning)
+            if said is not None:
+                said.add(warning)
     return run
 
 
