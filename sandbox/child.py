@@ -158,11 +158,13 @@ def zygote(plan: Plan, sock_fd: int, supervisor_pid: int, launcher_fd: int | Non
     fds = ChildFds(sock_fd, sock_fd, None, None, None, None)
     try:
         keep = {0, 1, 2, sock_fd} | ({launcher_fd} if launcher_fd is not None else set())
-        # What the launches need must be imported before the pivot hides the package:
-        # stage 3 installs seccomp filters, and unpickling a plan finds their class.
-        import pickle  # noqa: F401 (the Python launcher's requests)
+        if launcher_fd is None:
+            # What the Python launcher needs must be imported before the pivot hides
+            # the package: stage 3 installs seccomp filters, and unpickling a plan
+            # finds their class.
+            import pickle  # noqa: F401
 
-        from .kernel import seccomp  # noqa: F401
+            from .kernel import seccomp  # noqa: F401
 
         _close_all_but(keep)
         # Received descriptors must never land on 0-2, which stage 3 overwrites.

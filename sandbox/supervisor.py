@@ -442,22 +442,26 @@ def write_id_maps(plan: Plan, pid: int) -> None:
     ID mappings"). An unprivileged writer must first deny setgroups for gid_map."""
     ids = plan.ids
     if ids.use_helpers:
-        import subprocess
-
-        # Both setuid helpers at once: each is a process start.
+        # Both setuid helpers at once, each started with posix_spawn (a vfork: cheap
+        # from a large process), its stderr kept for the error message.
         helpers = []
         for tool, maps in (("newuidmap", ids.uid_map), ("newgidmap", ids.gid_map)):
             args = [str(n) for m in maps for n in (m.inside, m.outside, m.count)]
             command = [tool, str(pid), *args]
             log.debug("run %s", " ".join(command))
-            helpers.append((tool, subprocess.Popen(command, stderr=subprocess.PIPE)))
-        for tool, helper in helpers:
-            _, err = helper.communicate()
-            if helper.returncode != 0:
-                raise SandboxError(
-                    f"{tool} failed: {err.decode(errors='replace').strip()}; check your "
-                    "ranges in /etc/subuid and /etc/subgid, or run with --idmap self"
-                )
+            helpers.append((tool, *_spawn_with_stderr(command)))
+        failures = []
+        for tool, helper_pid, err_r in helpers:
+            with os.fdopen(err_r, "rb") as err:
+                message = err.read().decode(errors="replace").strip()
+            status = os.waitpid(helper_pid, 0)[1]
+            if status != 0:
+                failures.append(f"{tool} failed: {message or 'exit status ' + str(status)}")
+        if failures:
+            raise SandboxError(
+                f"{'; '.join(failures)}; check your ranges in /etc/subuid and "
+                "/etc/subgid, or run with --idmap self"
+            )
         return
     try:
         _write_proc(pid, "setgroups", "deny")
@@ -471,6 +475,28 @@ def write_id_maps(plan: Plan, pid: int) -> None:
             else ""
         )
         raise kernel_error(f"writing {e.filename}", e.errno or 0, hint) from e
+
+
+def _spawn_with_stderr(command: list[str]) -> tuple[int, int]:
+    """Start command (found on PATH) with stdin from /dev/null and stderr to a pipe;
+    returns its pid and the pipe's read end."""
+    err_r, err_w = os.pipe()
+    try:
+        pid = os.posix_spawnp(
+            command[0],
+            command,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ],
+        )
+    except OSError as e:
+        os.close(err_r)
+        raise SandboxError(f"cannot start {command[0]}: {e.strerror}") from e
+    finally:
+        os.close(err_w)
+    return pid, err_r
 
 
 def _write_proc(pid: int, name: str, text: str) -> None:
