@@ -51,13 +51,15 @@ def sbx_tree(tmp_path_factory) -> Path:
     """A copy of the package every caller can read: the checkout itself when the test
     user can read it, else a world-readable copy (CI may clone under /root)."""
     if os.geteuid() != 0 or _user_can_read(TEST_USER, REPO / "sandbox" / "__init__.py"):
-        return REPO
+        yield REPO
+        return
     tree = Path(tempfile.mkdtemp(prefix="sbx-tree-"))
     for name in ("sandbox", "profiles", "tests"):
         shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
     os.chmod(tree, 0o755)
     subprocess.run(["chmod", "-R", "a+rX", str(tree)], check=True)
-    return tree
+    yield tree
+    shutil.rmtree(tree, ignore_errors=True)
 
 
 @dataclass

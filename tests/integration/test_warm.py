@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,16 @@ import pytest
 from tests.conftest import host_pids_with
 
 LAUNCHERS = ["native", "python"]
+
+
+@pytest.fixture
+def readable_dir():
+    """A temporary directory every caller can read (pytest's own are private to
+    root), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="sbx-warm-test-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
 
 
 def run_as(caller, code: str, launcher: str = "native", timeout: float = 120):
@@ -202,11 +213,11 @@ def test_command_not_found_leaves_the_runner_usable(caller):
     assert out["after"]["stdout"] == "fine\n"
 
 
-def test_a_zygote_dies_with_the_process_that_made_it(caller):
+def test_a_zygote_dies_with_the_process_that_made_it(caller, readable_dir):
     """Killing the process that holds a Runner (no close, no atexit) leaves no warm
     sandbox behind: the zygote and its waiting launcher die with it."""
     mark = f"sbx-warm-owner-{uuid.uuid4().hex[:8]}"
-    script = Path(tempfile.mkdtemp()) / "owner.py"
+    script = readable_dir / "owner.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
         from sandbox.api import Runner
@@ -216,7 +227,6 @@ def test_a_zygote_dies_with_the_process_that_made_it(caller):
         print(zygote, flush=True)
         time.sleep(1000)  # {mark}
     """))
-    os.chmod(script.parent, 0o755)
     os.chmod(script, 0o644)
     command = [sys.executable, str(script), mark]
     if caller.uid != os.geteuid():
@@ -259,15 +269,14 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher):
+def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher, readable_dir):
     """Keyrings live in a user namespace: each warm run has its own (nested in the
     zygote's), so with a policy that lets a run add keys, lock its keyring and use
     the persistent one, the next run still finds none of them."""
     if os.uname().machine != "x86_64":
         pytest.skip("the probe uses x86_64 syscall numbers (add_key 248, keyctl 250)")
-    policy = Path(tempfile.mkdtemp()) / "allow-all.json"
+    policy = readable_dir / "allow-all.json"
     policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
-    os.chmod(policy.parent, 0o755)
     os.chmod(policy, 0o644)
     # Three places a key could stay: the user keyring, the user keyring made
     # read-only (so that it could not be emptied), and the persistent keyring.
@@ -299,18 +308,17 @@ def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_running_payload_dies_with_its_supervisor(caller, launcher):
+def test_a_running_payload_dies_with_its_supervisor(caller, launcher, readable_dir):
     """SIGKILL to the process running a warm run (no cleanup of any kind) ends the
     run: its init sees the supervisor's end of the control pipe close (C launcher)
     or gets its death signal (Python launcher)."""
     mark = f"sbx-warm-orphan-{uuid.uuid4().hex[:8]}"
-    script = Path(tempfile.mkdtemp()) / "owner.py"
+    script = readable_dir / "owner.py"
     script.write_text(textwrap.dedent(f"""
         from sandbox.api import Runner
         runner = Runner()
         runner.run(["python3", "-c", "import time; time.sleep(1000)", "{mark}"])
     """))
-    os.chmod(script.parent, 0o755)
     os.chmod(script, 0o644)
     command = [sys.executable, str(script)]
     if caller.uid != os.geteuid():
@@ -412,14 +420,13 @@ def test_the_task_limit_counts_as_in_a_cold_run(user_caller):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_the_callers_session_keyring_is_not_the_payloads(caller, launcher):
+def test_the_callers_session_keyring_is_not_the_payloads(caller, launcher, readable_dir):
     """Keyrings are checked by host uid, so a payload holding the caller's session
     keyring could read and change the caller's keys: each payload gets a new one."""
     if os.uname().machine != "x86_64":
         pytest.skip("the probe uses x86_64 syscall numbers (add_key 248, keyctl 250)")
-    policy = Path(tempfile.mkdtemp()) / "allow-all.json"
+    policy = readable_dir / "allow-all.json"
     policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
-    os.chmod(policy.parent, 0o755)
     os.chmod(policy, 0o644)
     find = (
         "import ctypes\n"
