@@ -38,6 +38,18 @@ def readable_dir():
     shutil.rmtree(path)
 
 
+@pytest.fixture
+def key_policy(readable_dir):
+    """A seccomp policy that allows everything, for the keyring probes (x86_64
+    syscall numbers: add_key 248, keyctl 250)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the keyring probes use x86_64 syscall numbers")
+    policy = readable_dir / "allow-all.json"
+    policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
+    os.chmod(policy, 0o644)
+    return policy
+
+
 def run_as(caller, code: str, launcher: str = "native", timeout: float = 120):
     """Run a Python script as the caller, with the package on its path; the script
     prints one JSON object, returned decoded."""
@@ -269,15 +281,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher, readable_dir):
+def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher, key_policy):
     """Keyrings live in a user namespace: each warm run has its own (nested in the
     zygote's), so with a policy that lets a run add keys, lock its keyring and use
     the persistent one, the next run still finds none of them."""
-    if os.uname().machine != "x86_64":
-        pytest.skip("the probe uses x86_64 syscall numbers (add_key 248, keyctl 250)")
-    policy = readable_dir / "allow-all.json"
-    policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
-    os.chmod(policy, 0o644)
     # Three places a key could stay: the user keyring, the user keyring made
     # read-only (so that it could not be emptied), and the persistent keyring.
     keys = (
@@ -298,7 +305,7 @@ def test_a_key_left_in_a_keyring_is_gone_for_the_next_run(caller, launcher, read
     out = run_as(caller, f"""
         import json
         from sandbox.api import Runner
-        with Runner(seccomp={str(policy)!r}) as runner:
+        with Runner(seccomp={str(key_policy)!r}) as runner:
             first = runner.run(["python3", "-c", {keys!r}, "add"])
             second = runner.run(["python3", "-c", {keys!r}, "find"])
         print(json.dumps([first.to_dict(), second.to_dict()]))
@@ -420,14 +427,9 @@ def test_the_task_limit_counts_as_in_a_cold_run(user_caller):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_the_callers_session_keyring_is_not_the_payloads(caller, launcher, readable_dir):
+def test_the_callers_session_keyring_is_not_the_payloads(caller, launcher, key_policy):
     """Keyrings are checked by host uid, so a payload holding the caller's session
     keyring could read and change the caller's keys: each payload gets a new one."""
-    if os.uname().machine != "x86_64":
-        pytest.skip("the probe uses x86_64 syscall numbers (add_key 248, keyctl 250)")
-    policy = readable_dir / "allow-all.json"
-    policy.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
-    os.chmod(policy, 0o644)
     find = (
         "import ctypes\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -440,9 +442,9 @@ def test_the_callers_session_keyring_is_not_the_payloads(caller, launcher, reada
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall(250, 1, b"sbx-test-session")  # join a named session keyring
         key = libc.syscall(248, b"user", b"sbx-caller-secret", b"secret", 6, -3)
-        with Runner(seccomp={str(policy)!r}) as runner:
+        with Runner(seccomp={str(key_policy)!r}) as runner:
             warm = runner.run(["python3", "-c", {find!r}])
-        cold = run(["python3", "-c", {find!r}], seccomp={str(policy)!r}, capture=True)
+        cold = run(["python3", "-c", {find!r}], seccomp={str(key_policy)!r}, capture=True)
         print(json.dumps([key > 0, warm.to_dict(), cold.to_dict()]))
     """, launcher)
     added, warm, cold = out
