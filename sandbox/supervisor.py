@@ -737,8 +737,14 @@ def _kill(r: Run) -> None:
         # process in it to be gone (pid_namespaces(7)); the cgroup is then empty,
         # unless something outside the namespace joined it.
         os.kill(r.init_pid, signal.SIGKILL)
-        _adopt(r)
-        _, _, usage = os.wait4(r.init_pid, 0)
+        try:
+            _adopt(r)
+            _, _, usage = os.wait4(r.init_pid, 0)
+        except (SandboxError, ChildProcessError) as e:
+            # The zygote died before handing init over: init is killed, and reaped
+            # by whoever adopted it. This run's result is already an error.
+            log.warning("init %d was not reaped here: %s", r.init_pid, e)
+            usage = None
         r.init_reaped = True
         r.rusage = usage
         if r.cgroup.pids():
@@ -767,9 +773,9 @@ def _report(r: Run) -> result.Result:
     if r.exec_errno is not None:
         raise ExecError(r.plan.argv[0], r.exec_errno)
     wall = (r.ended or time.monotonic()) - r.payload_started
-    usage = r.rusage
-    user = max(0.0, usage.ru_utime - r.init_setup_cpu_s, r.tree_times[0])
-    system = max(usage.ru_stime, r.tree_times[1])
+    utime, stime = (r.rusage.ru_utime, r.rusage.ru_stime) if r.rusage else (0.0, 0.0)
+    user = max(0.0, utime - r.init_setup_cpu_s, r.tree_times[0])
+    system = max(stime, r.tree_times[1])
     total = max(user + system, r.cpu_seen_s)
     cgroup_ns = r.cgroup.cpu_time_ns()
     if cgroup_ns is not None:

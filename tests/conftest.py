@@ -4,6 +4,7 @@ is the point of sbx. Run as an ordinary user, the root half is skipped with a re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -38,6 +39,31 @@ def host_pids_with(mark: str, argv0: str | None = None, anywhere: bool = False) 
         if argv0 is None or argv[0] == argv0.encode():
             found.append(int(name))
     return found
+
+
+@contextlib.contextmanager
+def shared_tmpdir(prefix: str, mode: int = 0o755):
+    """A temporary directory other callers can reach (pytest's own are private to
+    root): 0755 to read, 0777 for a root caller's payload to write. Removed after."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def compile_c(directory: Path, name: str, source: str, *flags: str) -> Path:
+    """Build source with the host's gcc into directory/name, runnable by every caller;
+    skips the test on a host without gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("the host has no gcc")
+    (directory / f"{name}.c").write_text(source)
+    binary = directory / name
+    subprocess.run([gcc, "-O0", *flags, "-o", str(binary), str(binary) + ".c"], check=True)
+    os.chmod(binary, 0o755)
+    return binary
 
 
 def _user_can_read(user: str, path: Path) -> bool:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import host_pids_with
+from tests.conftest import host_pids_with, shared_tmpdir
 
 # argv: TOKEN SLEEP_SECONDS. The daemon tells the main process over a pipe that it
 # is in place (new session, reparented) before the main process exits.
@@ -62,12 +60,10 @@ def kill_leftovers(mark: str) -> None:
 
 @pytest.fixture
 def box_dir():
-    path = Path(tempfile.mkdtemp(prefix="sbx-daemon-test-"))
     # A root caller's payload runs as an unprivileged host id: it must be able to
     # write here, or a missing marker would prove nothing.
-    os.chmod(path, 0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmpdir("sbx-daemon-test-", 0o777) as path:
+        yield path
 
 
 def run_daemonizer(caller, box_dir: Path, mark: str, sleep_s: float):

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import compile_c, shared_tmpdir
 
 PROGRAMS = {
     "exit3": "#include <stdlib.h>\nint main(void) { exit(3); }\n",
@@ -28,19 +26,10 @@ PROGRAMS = {
 @pytest.fixture(scope="module")
 def programs():
     """Build each program once, into a directory every caller can read."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("the host has no gcc")
-    build = Path(tempfile.mkdtemp(prefix="sbx-c-"))
-    os.chmod(build, 0o755)
-    for name, source in PROGRAMS.items():
-        (build / f"{name}.c").write_text(source)
-        subprocess.run(
-            [gcc, "-O0", "-o", str(build / name), str(build / f"{name}.c")], check=True
-        )
-        os.chmod(build / name, 0o755)
-    yield build
-    shutil.rmtree(build, ignore_errors=True)
+    with shared_tmpdir("sbx-c-") as build:
+        for name, source in PROGRAMS.items():
+            compile_c(build, name, source)
+        yield build
 
 
 def run_c(caller, programs: Path, name: str):

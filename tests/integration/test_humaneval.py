@@ -5,13 +5,12 @@ solution: no false OK. The grading loop is bench/grade_humaneval.py's."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import shared_tmpdir
 
 REPO = Path(__file__).resolve().parent.parent.parent
 WORKERS = 3  # two cores here; a third hides each run's start-up latency
@@ -42,10 +41,8 @@ def tasks():
 
 @pytest.fixture
 def programs_dir():
-    path = Path(tempfile.mkdtemp(prefix="sbx-humaneval-"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_tmpdir("sbx-humaneval-") as path:
+        yield path
 
 
 def _summary(results: list[dict]) -> str:

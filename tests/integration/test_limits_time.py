@@ -4,14 +4,12 @@ whose CPU time summed over every thread and process reaches the limit."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import compile_c, shared_tmpdir
 
 SPIN_THREADS_C = r"""
 #include <pthread.h>
@@ -37,19 +35,9 @@ int main(void) {
 @pytest.fixture(scope="module")
 def spinner():
     """A 4-thread CPU spinner built with the host's gcc, in a directory all can read."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("the host has no gcc")
-    build = Path(tempfile.mkdtemp(prefix="sbx-spin-"))
-    os.chmod(build, 0o755)
-    (build / "spin.c").write_text(SPIN_THREADS_C)
-    subprocess.run(
-        [gcc, "-O0", "-pthread", "-o", str(build / "spin"), str(build / "spin.c")],
-        check=True,
-    )
-    os.chmod(build / "spin", 0o755)
-    yield build
-    shutil.rmtree(build, ignore_errors=True)
+    with shared_tmpdir("sbx-spin-") as build:
+        compile_c(build, "spin", SPIN_THREADS_C, "-pthread")
+        yield build
 
 
 def timed_json(caller, args: list[str]):

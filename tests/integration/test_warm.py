@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,19 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import host_pids_with
+from tests.conftest import host_pids_with, shared_tmpdir
 
 LAUNCHERS = ["native", "python"]
 
 
 @pytest.fixture
 def readable_dir():
-    """A temporary directory every caller can read (pytest's own are private to
-    root), removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="sbx-warm-test-"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path)
+    """A temporary directory every caller can read, removed afterwards."""
+    with shared_tmpdir("sbx-warm-test-") as path:
+        yield path
 
 
 @pytest.fixture
