@@ -13,7 +13,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # python3-venv: Debian's /usr/bin/python3 is the one interpreter every user can run.
-# libseccomp2: loaded by pyseccomp. gcc/libc6-dev: test probes and C payloads.
+# libseccomp2: loaded by pyseccomp. gcc/libc6-dev: the warm launcher, test probes, C payloads.
 # uidmap: newuidmap/newgidmap for subordinate ids. bubblewrap/hyperfine: peers and
 # timing in bench/. qemu/busybox/cpio/kmod: the cgroup v2 VM tests.
 # debootstrap/xz-utils: root filesystem recipes.
