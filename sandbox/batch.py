@@ -10,7 +10,8 @@ A jobs file is JSON Lines, one job per line:
 Only `id` and `command` are required. The plan of each distinct (profile, options) is
 resolved once and reused with only the command, stdin and files swapped; each worker
 thread runs its jobs on warm sandboxes of its own (sandbox/warm.py), so a job's
-sandbox is made from one kept ready, not from scratch. A job's files are written into
+sandbox is made from one kept ready, not from scratch. With enough CPUs, each worker
+thread, and so every process it starts, is pinned to CPUs no other worker uses. A job's files are written into
 its fresh /box tmpfs (size --tmpfs-size), never to the host's disk.
 
 The results file gets one JSON line per finished job, written whole under a lock and
@@ -328,6 +329,7 @@ class Summary:
     job_wall_time_s: float = 0.0  # summed over the jobs run now
     elapsed_s: float = 0.0  # wall time of the whole batch
     interrupted: bool = False
+    pinned: list | None = None  # each worker's CPUs, when workers are pinned
 
     def add(self, entry: dict) -> None:
         self.ran += 1
@@ -364,6 +366,7 @@ class Batch:
         results: ResultsFile,
         workers: int,
         keep_output_bytes: int = DEFAULT_KEEP_OUTPUT_BYTES,
+        pin: bool = True,
     ) -> None:
         if workers < 1:
             raise UsageError(f"--jobs {workers}: use at least 1 worker")
@@ -374,6 +377,10 @@ class Batch:
         self.pending = [j for j in jobs if j.id not in results.done]
         self.summary.skipped = len(jobs) - len(self.pending)
         self.plans = base_plans(self.pending)
+        self.threads = min(workers, max(1, len(self.pending)))
+        self.shares = cpu_shares(self.threads, os.sched_getaffinity(0)) if pin else None
+        if self.shares is not None:
+            self.shares = _unless_a_job_needs_more(self.shares, self.plans.values())
         self._next = iter(self.pending)
         self._next_lock = threading.Lock()
         self._slots_lock = threading.Lock()
@@ -393,8 +400,10 @@ class Batch:
     def run(self, on_result: Callable[[dict, Summary], None] | None = None) -> Summary:
         started = time.monotonic()
         threads = [
-            threading.Thread(target=self._worker, name=f"sbx-batch-{n}", daemon=True)
-            for n in range(min(self.workers, max(1, len(self.pending))))
+            threading.Thread(
+                target=self._worker, args=(n,), name=f"sbx-batch-{n}", daemon=True
+            )
+            for n in range(self.threads)
         ]
         for thread in threads:
             thread.start()
@@ -421,6 +430,8 @@ class Batch:
         for thread in threads:
             thread.join()
         self.summary.interrupted = self._stopping.is_set()
+        if self.shares is not None:
+            self.summary.pinned = [sorted(share) for share in self.shares]
         self.summary.elapsed_s = time.monotonic() - started
         return self.summary
 
@@ -430,18 +441,34 @@ class Batch:
         with self._next_lock:
             return next(self._next, None)
 
-    def _worker(self) -> None:
+    def _worker(self, n: int) -> None:
         slot = _Slot()
+        cpus = self._pin(n)
         # Warm sandboxes for this worker's jobs: they die with this thread.
         pool = warm.Pool()
         try:
             while (job := self._take()) is not None:
                 result = self._run_job(job, slot, pool)
                 if result is not None:
-                    self._finished.put((job, result))
+                    self._finished.put((job, result, cpus))
         finally:
             pool.close()
             self._finished.put(None)
+
+    def _pin(self, n: int) -> list[int] | None:
+        """Pin this worker thread to its share of the CPUs: every process it starts
+        for its jobs (warm sandbox, launcher, init, payload) inherits the affinity.
+        The CPUs, or None when unpinned."""
+        if self.shares is None:
+            return None
+        share = self.shares[n]
+        try:
+            os.sched_setaffinity(0, share)  # 0: this thread alone
+        except OSError as e:
+            log.warning("worker %d: cannot pin it to CPUs %s (%s): its jobs may run "
+                        "on every CPU", n, _cpu_list(share), e.strerror)
+            return None
+        return sorted(share)
 
     def _run_job(self, job: Job, slot: _Slot, pool: warm.Pool) -> Result | None:
         """Run one job; its result, or None when stop() killed it."""
@@ -498,7 +525,7 @@ class Batch:
         except ProcessLookupError:
             pass
 
-    def _entry(self, job: Job, result: Result) -> dict:
+    def _entry(self, job: Job, result: Result, cpus: list[int] | None) -> dict:
         check = None
         if job.expected is not None and result.verdict == OK:
             check = checkers.check(
@@ -514,7 +541,36 @@ class Batch:
                 data[stream] = raw[:keep].decode("utf-8", "backslashreplace")
                 if len(raw) > keep:
                     data[f"{stream}_truncated_bytes"] = len(raw) - keep
-        return {"id": job.id, **data, "check": check.to_dict() if check else None}
+        check_data = check.to_dict() if check else None
+        return {"id": job.id, **data, "check": check_data, "cpus_pinned": cpus}
+
+
+def cpu_shares(workers: int, cpus: Iterable[int]) -> list[frozenset[int]] | None:
+    """Each worker's CPUs: the CPUs sbx may use, dealt out in turn (three CPUs, two
+    workers: {0, 2} and {1}). None, for no pinning, with one worker (nothing to
+    share) or more workers than CPUs (each worker would get less than a CPU)."""
+    ordered = sorted(cpus)
+    if workers < 2 or workers > len(ordered):
+        return None
+    return [frozenset(ordered[n::workers]) for n in range(workers)]
+
+
+def _unless_a_job_needs_more(
+    shares: list[frozenset[int]], plans: Iterable[Plan]
+) -> list[frozenset[int]] | None:
+    """No pinning when a job's CPU quota (`cpus`) is more than the smallest share:
+    pinning would silently lower its limit."""
+    smallest = min(len(share) for share in shares)
+    wanting = [p.limits.cpus for p in plans if (p.limits.cpus or 0) > smallest]
+    if wanting:
+        log.info("jobs ask for %g CPUs, more than a worker's %d: not pinning workers",
+                 max(wanting), smallest)
+        return None
+    return shares
+
+
+def _cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 # --- the summary -------------------------------------------------------------------
@@ -540,6 +596,9 @@ def format_summary(summary: Summary) -> str:
             f"wall {summary.elapsed_s:.2f} s ({rate:.1f} runs/s); summed over jobs: "
             f"wall {summary.job_wall_time_s:.2f} s, CPU {summary.cpu_time_s:.2f} s"
         )
+    if summary.pinned:
+        shares = " | ".join(_cpu_list(share) for share in summary.pinned)
+        lines.append(f"CPUs, one share per worker (--no-pin to share them): {shares}")
     return "\n".join(lines)
 
 

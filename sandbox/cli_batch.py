@@ -48,10 +48,18 @@ def register(app) -> None:
         verbose: int = typer.Option(
             0, "--verbose", "-v", count=True, help="log each run"
         ),
+        no_pin: bool = typer.Option(
+            False,
+            "--no-pin",
+            help="let every job use every CPU (by default, with at least as many "
+            "CPUs as workers, each worker's jobs run on CPUs of their own)",
+        ),
     ) -> None:
         """Run every job of JOBS.jsonl in its own sandbox, N at a time, from one warm
         process. Exit 0 when every job is OK, 1 otherwise, 130 when interrupted."""
-        code = batch_main(jobs_file, out, jobs, profile, keep_output, quiet, verbose)
+        code = batch_main(
+            jobs_file, out, jobs, profile, keep_output, quiet, verbose, not no_pin
+        )
         raise typer.Exit(code)
 
 
@@ -63,6 +71,7 @@ def batch_main(
     keep_output_bytes: int,
     quiet: bool,
     verbose: int,
+    pin: bool = True,
 ) -> int:
     import signal
     import sys
@@ -78,7 +87,7 @@ def batch_main(
     jobs = batch.read_jobs(jobs_file, profile)
     results = batch.ResultsFile(out)
     try:
-        runner = batch.Batch(jobs, results, workers, keep_output_bytes)
+        runner = batch.Batch(jobs, results, workers, keep_output_bytes, pin)
         show = _Progress(sys.stderr, quiet)
 
         def on_signal(sig: int, frame: object) -> None:

@@ -37,7 +37,7 @@ def _batch_args(args: list[str]) -> tuple | None:
     import os
 
     values: dict = {"jobs": str(os.cpu_count() or 1), "keep_output": "4096"}
-    positional, quiet, verbose = [], False, 0
+    positional, quiet, verbose, pin = [], False, 0, True
     items = iter(args)
     for arg in items:
         name, eq, inline = arg.partition("=")
@@ -48,6 +48,8 @@ def _batch_args(args: list[str]) -> tuple | None:
             values[_BATCH_VALUES[name]] = value
         elif arg in ("--quiet", "-q"):
             quiet = True
+        elif arg == "--no-pin":
+            pin = False
         elif arg in ("--verbose", "-v", "-vv"):
             verbose += len(arg) - 1 if arg.startswith("-v") else 1
         elif arg.startswith("-") and arg != "-":
@@ -61,7 +63,7 @@ def _batch_args(args: list[str]) -> tuple | None:
     except ValueError:
         return None
     return (positional[0], values["out"], workers, values.get("profile"), keep, quiet,
-            verbose)
+            verbose, pin)
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

@@ -251,3 +251,66 @@ def test_checkers_tell_spacing_from_wrong_answers(caller, workdir):
     assert by_id["crash"]["check"] is None
     assert "WA           2" in stdout
     assert os.listdir(workdir / "tmp") == []
+
+
+CPUS = sorted(os.sched_getaffinity(0))
+# Each job names the CPUs it may run on, and sleeps long enough that every worker
+# takes a job before the queue runs dry.
+WHERE_AM_I = (
+    "import os, time; time.sleep(0.3); "
+    "print(','.join(map(str, sorted(os.sched_getaffinity(0)))))"
+)
+
+
+def _affinity_jobs(count: int, **extra) -> list[dict]:
+    return [
+        {"id": f"j{n}", "command": ["python3", "-c", WHERE_AM_I], **extra}
+        for n in range(count)
+    ]
+
+
+def _run_affinity_batch(caller, workdir: Path, jobs: list[dict], *args: str) -> dict:
+    jobs_file, out = workdir / "jobs.jsonl", workdir / "results.jsonl"
+    _write_jobs(jobs_file, jobs)
+    done = _batch(caller, workdir, str(jobs_file), "--out", str(out), *args)
+    stdout, stderr = done.communicate(timeout=120)
+    assert done.returncode == 0, stderr + _not_ok(out)
+    return {"summary": stdout, "entries": _result_lines(out)}
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="pinning needs at least two usable CPUs")
+def test_workers_are_pinned_to_cpus_of_their_own(caller, workdir):
+    """With as many CPUs as workers or more, each worker's sandboxes run on a share of
+    the CPUs no other worker uses; the payload itself sees that share, and the result
+    line says which it was."""
+    done = _run_affinity_batch(
+        caller, workdir, _affinity_jobs(6), "--jobs", str(len(CPUS))
+    )
+    seen = set()
+    for entry in done["entries"]:
+        shown = [int(c) for c in entry["stdout"].strip().split(",")]
+        assert shown == entry["cpus_pinned"], entry
+        assert len(shown) == 1
+        seen.add(shown[0])
+    # Every worker took a job (each sleeps), and no two workers shared a CPU.
+    assert seen == set(CPUS), done["entries"]
+    assert "one share per worker" in done["summary"]
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="pinning needs at least two usable CPUs")
+def test_no_pin_and_jobs_wanting_more_cpus_are_not_pinned(caller, workdir):
+    """--no-pin leaves every job every CPU; so does a job whose CPU quota is more than
+    a worker's share (pinning would lower its limit without a word)."""
+    everything = ",".join(map(str, CPUS))
+    unpinned = _run_affinity_batch(
+        caller, workdir, _affinity_jobs(2), "--jobs", "2", "--no-pin"
+    )
+    (workdir / "results.jsonl").unlink()
+    wanting = _run_affinity_batch(
+        caller, workdir, _affinity_jobs(2, limits={"cpus": 2}), "--jobs", "2"
+    )
+    for done in (unpinned, wanting):
+        for entry in done["entries"]:
+            assert entry["stdout"].strip() == everything, entry
+            assert entry["cpus_pinned"] is None
+        assert "one share per worker" not in done["summary"]

@@ -127,3 +127,12 @@ def test_results_file_refuses_a_foreign_file(tmp_path):
         UsageError, match="notes.txt:1 is not a result line of sbx batch"
     ):
         batch.ResultsFile(str(path))
+
+
+def test_cpu_shares_deal_cpus_out_in_turn():
+    assert batch.cpu_shares(2, [0, 1]) == [{0}, {1}]
+    assert batch.cpu_shares(2, {5, 1, 3}) == [{1, 5}, {3}]
+    assert batch.cpu_shares(3, range(7)) == [{0, 3, 6}, {1, 4}, {2, 5}]
+    # One worker has nothing to share; more workers than CPUs would split a CPU.
+    assert batch.cpu_shares(1, [0, 1]) is None
+    assert batch.cpu_shares(3, [0, 1]) is None
