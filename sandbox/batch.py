@@ -22,8 +22,8 @@ writes nothing for them, so the file only ever holds whole lines of finished job
 
 from __future__ import annotations
 
+import errno
 import json
-import logging
 import os
 import queue
 import signal
@@ -31,15 +31,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from . import api, checkers, warm
+from . import log as logs
 from .errors import SandboxError, UsageError
 from .plan import Plan
-from .record import replace
+from .record import factory, record, replace
 from .result import IE, OK, Result
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 WA = "WA"
 DEFAULT_KEEP_OUTPUT_BYTES = 4096
@@ -54,7 +54,7 @@ JOB_KEYS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Job:
     """One run of a batch. `files` maps a path under /box to its bytes, or to a str:
     the host path to copy it from. `options` are exec options, frozen and sorted."""
@@ -305,26 +305,35 @@ class ResultsFile:
             self._file.write(line.encode())
             self._file.flush()
             if time.monotonic() - self._synced >= self.SYNC_EVERY_S:
-                os.fsync(self._file.fileno())
+                self._sync()
                 self._synced = time.monotonic()
 
     def close(self) -> None:
         with self._lock:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            self._sync()
             self._file.close()
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            # A results "file" that cannot be synced (/dev/null, a pipe) has no disk
+            # copy to make durable; any other failure is the disk's, and said.
+            if e.errno != errno.EINVAL:
+                raise
 
 
 # --- running -----------------------------------------------------------------------
 
 
-@dataclass
+@record
 class Summary:
     total_jobs: int = 0
     skipped: int = 0  # already in the results file
     ran: int = 0
-    verdicts: Counter = field(default_factory=Counter)
-    slowest: list = field(default_factory=list)  # (wall_time_s, id), slowest first
+    verdicts: Counter = factory(Counter)
+    slowest: list = factory(list)  # (wall_time_s, id), slowest first
     cpu_time_s: float = 0.0  # summed over the jobs run now
     job_wall_time_s: float = 0.0  # summed over the jobs run now
     elapsed_s: float = 0.0  # wall time of the whole batch
@@ -344,13 +353,15 @@ class Summary:
         return set(self.verdicts) <= {OK}
 
 
-@dataclass(eq=False)
 class _Slot:
     """What a worker is running, so stop() can kill it: a pidfd of the sandbox's
-    init (immune to pid reuse), and whether stop() killed it."""
+    init (immune to pid reuse), and whether stop() killed it. Compared by identity."""
 
-    pidfd: int | None = None
-    killed: bool = False
+    __slots__ = ("pidfd", "killed")
+
+    def __init__(self) -> None:
+        self.pidfd: int | None = None
+        self.killed = False
 
 
 class Batch:

@@ -12,15 +12,15 @@ Each checker takes the payload's stdout (bytes) and the expected text and return
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from .errors import UsageError
+from .record import record
 
 DEFAULT_TOLERANCE = 1e-6
 NAMES = ("exact", "tokens", "numbers")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Check:
     checker: str
     passed: bool

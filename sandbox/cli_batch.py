@@ -78,12 +78,20 @@ def batch_main(
     import threading
 
     from . import batch
+    from . import log as logs
     from .entry import install_handler
 
-    # Installed now, not on first use: the once-only filter goes on this handler.
-    install_handler(verbose, False)
+    def configure_logging() -> None:
+        install_handler(verbose, False)
+        _log_each_warning_once()
+
+    # `logging` is imported when something is first said (most batches say nothing),
+    # or now for -v.
+    if verbose:
+        configure_logging()
+    else:
+        logs.on_first_use = configure_logging
     _sandboxes_in_own_process_groups()
-    _log_each_warning_once()
     jobs = batch.read_jobs(jobs_file, profile)
     results = batch.ResultsFile(out)
     try:

@@ -12,10 +12,12 @@ keeps the library itself quiet otherwise: warnings are also in each Result).
 
 from __future__ import annotations
 
+import _thread
 import sys
 
 # Set by the CLI: called once when `logging` is first needed, to install its handler.
 on_first_use = None
+_first_use_lock = _thread.allocate_lock()  # sbx batch logs from several threads
 
 
 class Logger:
@@ -30,10 +32,11 @@ class Logger:
             global on_first_use
             import logging
 
-            if on_first_use is not None:
-                configure, on_first_use = on_first_use, None
-                configure()
-            _quiet_library(logging)
+            with _first_use_lock:
+                if on_first_use is not None:
+                    configure, on_first_use = on_first_use, None
+                    configure()
+                _quiet_library(logging)
             self._logger = logging.getLogger(self.name)
         return self._logger
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 
 import pytest
 
 from sandbox import batch
+from sandbox.record import replace
 from sandbox.errors import UsageError
 from sandbox.plan import HostLayout, Limits, make_plan
 
@@ -92,7 +93,7 @@ def test_job_plan_swaps_command_stdin_and_files(tmp_path):
     )
     (tmp_path / "in.txt").write_bytes(b"from disk")
     job = _job(stdin="in")
-    job = dataclasses.replace(
+    job = replace(
         job, files=(("a/b.py", b"inline"), ("in.txt", str(tmp_path / "in.txt")))
     )
     plan = batch.job_plan(base, job)
@@ -136,3 +137,11 @@ def test_cpu_shares_deal_cpus_out_in_turn():
     # One worker has nothing to share; more workers than CPUs would split a CPU.
     assert batch.cpu_shares(1, [0, 1]) is None
     assert batch.cpu_shares(3, [0, 1]) is None
+
+
+def test_results_file_may_be_dev_null():
+    """A caller that wants only the summary: /dev/null cannot be synced (EINVAL), and
+    needs no syncing."""
+    results = batch.ResultsFile(os.devnull)
+    results.append({"id": "a", "verdict": "OK"})
+    results.close()
