@@ -118,7 +118,12 @@ def asdict(obj) -> dict:
     return {name: _plain(getattr(obj, name)) for name in obj.__record_fields__}
 
 
+_ATOMS = (str, int, float, bool, bytes, type(None))
+
+
 def _plain(value):
+    if type(value) in _ATOMS:  # most fields: the quick answer
+        return value
     if hasattr(type(value), "__record_fields__"):
         return asdict(value)
     if isinstance(value, (list, tuple)):

@@ -170,49 +170,84 @@ def native_spec(plan: Plan, prep: child.Prepared, layout: list, procs: list) -> 
     """One run for launcher.c, in the order its parse() reads: descriptor indices,
     the hostname, the run's mounts, the files for /box, the payload's ids, cwd, argv,
     environment and exec candidates, its rlimits, the seccomp program (and the one to
-    load where a listener cannot be had), and the signals init forwards."""
-    out = bytearray()
-
-    def number(value: int, fmt: str = "<I") -> None:
-        out.extend(struct.pack(fmt, value))
-
-    def text(value: str | bytes) -> None:
-        data = value.encode() if isinstance(value, str) else value
-        number(len(data))
-        out.extend(data)
-
+    load where a listener cannot be had), and the signals init forwards. The parts
+    every run of a batch shares (mounts, seccomp program) are encoded once."""
+    out = _Spec()
     for index in (*layout, len(procs)):
-        number(-1 if index is None else index, "<i")
+        out.number(-1 if index is None else index, "<i")
     for index in procs:
-        number(index, "<i")
-    text(plan.hostname)
-    steps = run_only_mounts(plan.mounts)
-    number(len(steps))
-    for m in steps:
-        source, fstype, flags, data = mounts.filesystem_mount(m)
-        text(source), text(m.target), text(fstype), number(flags), text(data)
-    number(plan.ids.uid), number(plan.ids.gid), number(len(plan.files))
+        out.number(index, "<i")
+    out.extend(_encoded_once(plan.mounts, plan.hostname, _mounts_part))
+    out.number(plan.ids.uid), out.number(plan.ids.gid), out.number(len(plan.files))
     for name, data in plan.files:
-        text(f"/box/{name}"), text(data)
-    number(plan.ids.uid), number(plan.ids.gid), number(int(plan.ids.use_helpers))
-    text(plan.cwd)
+        out.text(f"/box/{name}"), out.text(data)
+    out.number(plan.ids.uid), out.number(plan.ids.gid)
+    out.number(int(plan.ids.use_helpers))
+    out.text(plan.cwd)
     candidates = child.exec_candidates(plan)
     env = [f"{key}={value}" for key, value in plan.env]
     for items in (plan.argv, env, candidates):
-        number(len(items))
+        out.number(len(items))
         for item in items:
-            text(item)
-    number(len(prep.rlimits))
+            out.text(item)
+    out.number(len(prep.rlimits))
     for resource_id, soft, hard in prep.rlimits:
-        number(resource_id), number(soft & _U64, "<Q"), number(hard & _U64, "<Q")
-    bpf = prep.seccomp_filter
-    text(b"" if bpf is None else bpf.bpf)
-    text(b"" if bpf is None or not bpf.notify else _without_notify(bpf).bpf)
-    number(int(bpf is not None and bpf.notify)), number(_last_cap())
-    number(len(child.FORWARDED))
-    for sig in child.FORWARDED:
-        number(int(sig))
+        out.number(resource_id), out.number(soft & _U64, "<Q")
+        out.number(hard & _U64, "<Q")
+    out.extend(_encoded_once(prep.seccomp_filter, None, _filter_part))
     return bytes(out)
+
+
+class _Spec(bytearray):
+    def number(self, value: int, fmt: str = "<I") -> None:
+        self.extend(struct.pack(fmt, value))
+
+    def text(self, value: str | bytes) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        self.number(len(data))
+        self.extend(data)
+
+
+def _mounts_part(plan_mounts: tuple, hostname: str) -> bytes:
+    out = _Spec()
+    out.text(hostname)
+    steps = run_only_mounts(plan_mounts)
+    out.number(len(steps))
+    for m in steps:
+        source, fstype, flags, data = mounts.filesystem_mount(m)
+        out.text(source), out.text(m.target), out.text(fstype), out.number(flags)
+        out.text(data)
+    return bytes(out)
+
+
+def _filter_part(bpf, _unused: None) -> bytes:
+    out = _Spec()
+    out.text(b"" if bpf is None else bpf.bpf)
+    out.text(b"" if bpf is None or not bpf.notify else _without_notify(bpf).bpf)
+    out.number(int(bpf is not None and bpf.notify)), out.number(_last_cap())
+    out.number(len(child.FORWARDED))
+    for sig in child.FORWARDED:
+        out.number(int(sig))
+    return bytes(out)
+
+
+# Encoded parts by the identity of what they encode (kept alive here, so an id is
+# never reused while its entry stands): a batch's runs share their base plan's mounts
+# and the prepared filter, and encoding them is most of a spec's cost.
+_ENCODED: dict[int, tuple[object, object, bytes]] = {}
+_ENCODED_MAX = 64
+
+
+def _encoded_once(value, extra, encode) -> bytes:
+    """encode(value, extra), or what it gave for this very value and an equal extra."""
+    known = _ENCODED.get(id(value))
+    if known is not None and known[0] is value and known[1] == extra:
+        return known[2]
+    data = encode(value, extra)
+    if len(_ENCODED) >= _ENCODED_MAX:
+        _ENCODED.clear()
+    _ENCODED[id(value)] = (value, extra, data)
+    return data
 
 
 _U64 = (1 << 64) - 1
