@@ -61,9 +61,15 @@ def throughput(workdir: Path, runs: int, jobs: int) -> float:
     done = start_batch(jobs_file, out, jobs)
     _, stderr = done.communicate()
     wall = time.perf_counter() - started
-    verdicts = [json.loads(line)["verdict"] for line in out.read_text().splitlines()]
-    if done.returncode != 0 or verdicts.count("OK") != runs:
-        raise SystemExit(f"sbx batch --jobs {jobs}: {done.returncode} {stderr[-500:]}")
+    entries = [json.loads(line) for line in out.read_text().splitlines()]
+    failed = [e for e in entries if e["verdict"] != "OK"]
+    if done.returncode != 0 or len(entries) - len(failed) != runs:
+        first = failed[0] if failed else {}
+        what = {k: first.get(k) for k in ("id", "verdict", "reason", "error", "stderr")}
+        raise SystemExit(
+            f"sbx batch --jobs {jobs}: exit {done.returncode}, {len(failed)} not OK "
+            f"(first: {what}) {stderr[-500:]}"
+        )
     return runs / wall
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import queue
 import signal
+import stat
 import threading
 import time
 from collections import Counter
@@ -265,17 +266,28 @@ class ResultsFile:
         self.path = path
         self.done: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._repair_and_load()
-        # Open for the whole batch; close() closes it.
-        self._file = open(path, "ab")  # noqa: SIM115
+        # Open for the whole batch (close() closes it), before anything runs: a file
+        # sbx cannot write is refused now, not after the first job.
+        try:
+            self._file = open(path, "ab")  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(
+                f"cannot open the results file {path!r} for writing: {e.strerror}"
+            ) from e
+        try:
+            # Only a regular file holds earlier results: /dev/null, a pipe or a
+            # device is written to, never read (reading /dev/zero would not end).
+            if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
+                self._repair_and_load()
+        except BaseException:
+            self._file.close()
+            raise
         self._synced = time.monotonic()
 
     def _repair_and_load(self) -> None:
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
-        except FileNotFoundError:
-            return
         except OSError as e:
             raise UsageError(
                 f"cannot read the results file {self.path!r}: {e.strerror}"
@@ -288,7 +300,7 @@ class ResultsFile:
                 self.path,
                 len(tail),
             )
-            os.truncate(self.path, len(data) - len(tail))
+            os.ftruncate(self._file.fileno(), len(data) - len(tail))
         for number, line in enumerate(lines, 1):
             try:
                 entry = json.loads(line)
@@ -310,9 +322,14 @@ class ResultsFile:
 
     def close(self) -> None:
         with self._lock:
-            self._file.flush()
-            self._sync()
-            self._file.close()
+            try:
+                self._file.flush()
+                self._sync()
+            finally:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass  # its flush failed just above, and that error is raised
 
     def _sync(self) -> None:
         try:
@@ -338,7 +355,7 @@ class Summary:
     job_wall_time_s: float = 0.0  # summed over the jobs run now
     elapsed_s: float = 0.0  # wall time of the whole batch
     interrupted: bool = False
-    pinned: list | None = None  # each worker's CPUs, when workers are pinned
+    pinned: list | None = None  # each worker's CPUs (None: not pinned), if any was
 
     def add(self, entry: dict) -> None:
         self.ran += 1
@@ -392,6 +409,7 @@ class Batch:
         self.shares = cpu_shares(self.threads, os.sched_getaffinity(0)) if pin else None
         if self.shares is not None:
             self.shares = _unless_a_job_needs_more(self.shares, self.plans.values())
+        self._pinned: list[list[int] | None] = [None] * self.threads  # as it went
         self._next = iter(self.pending)
         self._next_lock = threading.Lock()
         self._slots_lock = threading.Lock()
@@ -420,6 +438,7 @@ class Batch:
             thread.start()
         alive = len(threads)
         killed = False
+        write_error: OSError | None = None
         while alive:
             if self._stopping.is_set() and not killed:
                 self._kill_running()
@@ -433,16 +452,31 @@ class Batch:
                 continue
             # Checked, written and counted here, while the worker already runs its
             # next job: the sandboxes never wait for the bookkeeping.
+            if write_error is not None:
+                continue  # after a failed write, the file gets nothing more
             entry = self._entry(*done)
-            self.results.append(entry)
+            try:
+                self.results.append(entry)
+            except OSError as e:
+                # Nowhere to put results: stop as Ctrl-C does (the jobs not written
+                # are run again by a rerun; a line cut short is dropped then), and
+                # say why once the sandboxes are gone.
+                write_error = e
+                self.stop()
+                continue
             self.summary.add(entry)
             if on_result is not None:
                 on_result(entry, self.summary)
         for thread in threads:
             thread.join()
+        if write_error is not None:
+            raise SandboxError(
+                f"cannot write the results file {self.results.path!r} "
+                f"({write_error.strerror}): stopped; a rerun runs the jobs not in it"
+            )
         self.summary.interrupted = self._stopping.is_set()
-        if self.shares is not None:
-            self.summary.pinned = [sorted(share) for share in self.shares]
+        if any(self._pinned):
+            self.summary.pinned = list(self._pinned)
         self.summary.elapsed_s = time.monotonic() - started
         return self.summary
 
@@ -479,7 +513,8 @@ class Batch:
             log.warning("worker %d: cannot pin it to CPUs %s (%s): its jobs may run "
                         "on every CPU", n, _cpu_list(share), e.strerror)
             return None
-        return sorted(share)
+        self._pinned[n] = sorted(share)
+        return self._pinned[n]
 
     def _run_job(self, job: Job, slot: _Slot, pool: warm.Pool) -> Result | None:
         """Run one job; its result, or None when stop() killed it."""
@@ -608,7 +643,9 @@ def format_summary(summary: Summary) -> str:
             f"wall {summary.job_wall_time_s:.2f} s, CPU {summary.cpu_time_s:.2f} s"
         )
     if summary.pinned:
-        shares = " | ".join(_cpu_list(share) for share in summary.pinned)
+        shares = " | ".join(
+            _cpu_list(share) if share else "not pinned" for share in summary.pinned
+        )
         lines.append(f"CPUs, one share per worker (--no-pin to share them): {shares}")
     return "\n".join(lines)
 

@@ -80,6 +80,7 @@ def batch_main(
     from . import batch
     from . import log as logs
     from .entry import install_handler
+    from .errors import SandboxError, UsageError
 
     def configure_logging() -> None:
         install_handler(verbose, False)
@@ -92,6 +93,8 @@ def batch_main(
     else:
         logs.on_first_use = configure_logging
     _sandboxes_in_own_process_groups()
+    if workers < 1:
+        raise UsageError(f"--jobs {workers}: use at least 1 worker")
     jobs = batch.read_jobs(jobs_file, profile)
     results = batch.ResultsFile(out)
     try:
@@ -118,7 +121,15 @@ def batch_main(
                 signal.signal(sig, handler)
         show.close()
     finally:
-        results.close()
+        try:
+            results.close()
+        except OSError as e:
+            # Raised from here, this replaces an error already on its way: the
+            # results file is the one thing the caller cannot do without.
+            raise SandboxError(
+                f"cannot write the results file {out!r} ({e.strerror}): the last "
+                "results may be lost; a rerun runs the jobs not in it"
+            ) from e
     print(batch.format_summary(summary), flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED

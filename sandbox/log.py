@@ -13,11 +13,22 @@ keeps the library itself quiet otherwise: warnings are also in each Result).
 from __future__ import annotations
 
 import _thread
+import os
 import sys
 
 # Set by the CLI: called once when `logging` is first needed, to install its handler.
 on_first_use = None
 _first_use_lock = _thread.allocate_lock()  # sbx batch logs from several threads
+
+
+def _new_lock_in_child() -> None:
+    # A fork while another thread held the lock would leave it held for good in the
+    # child (a zygote logs before it execs).
+    global _first_use_lock
+    _first_use_lock = _thread.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 class Logger:

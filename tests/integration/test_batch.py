@@ -314,3 +314,24 @@ def test_no_pin_and_jobs_wanting_more_cpus_are_not_pinned(caller, workdir):
             assert entry["stdout"].strip() == everything, entry
             assert entry["cpus_pinned"] is None
         assert "one share per worker" not in done["summary"]
+
+
+def test_a_results_file_that_cannot_be_written_stops_the_batch_cleanly(caller, workdir):
+    """/dev/full takes no line (ENOSPC): the batch stops as on Ctrl-C, says why in one
+    line, and leaves no sandbox behind; a bad --jobs leaves no file behind."""
+    mark = f"sbx-full-{uuid.uuid4().hex[:8]}"
+    command = ["sh", "-c", "sleep 0.2", mark]
+    jobs_file = workdir / "jobs.jsonl"
+    _write_jobs(jobs_file, [{"id": n, "command": command} for n in range(6)])
+    done = _batch(caller, workdir, str(jobs_file), "--jobs", "2", "--out", "/dev/full")
+    stdout, stderr = done.communicate(timeout=60)
+    assert done.returncode == 125, stderr
+    assert "sbx: error: cannot write the results file '/dev/full'" in stderr
+    assert "Traceback" not in stderr
+    assert host_pids_with(mark) == []
+
+    out = workdir / "never.jsonl"
+    done = _batch(caller, workdir, str(jobs_file), "--jobs", "0", "--out", str(out))
+    _, stderr = done.communicate(timeout=60)
+    assert done.returncode == 2 and "--jobs 0" in stderr
+    assert not out.exists()

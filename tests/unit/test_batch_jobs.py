@@ -145,3 +145,15 @@ def test_results_file_may_be_dev_null():
     results = batch.ResultsFile(os.devnull)
     results.append({"id": "a", "verdict": "OK"})
     results.close()
+
+
+def test_results_file_that_is_a_device_is_never_read():
+    """Only a regular file holds earlier results: reading /dev/zero would not end."""
+    results = batch.ResultsFile("/dev/zero")
+    assert results.done == {}
+    results.close()
+
+
+def test_results_file_sbx_cannot_write_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(UsageError, match="cannot open the results file .* for writing"):
+        batch.ResultsFile(str(tmp_path / "no-such-dir" / "results.jsonl"))
