@@ -11,8 +11,9 @@ Only `id` and `command` are required. The plan of each distinct (profile, option
 resolved once and reused with only the command, stdin and files swapped; each worker
 thread runs its jobs on warm sandboxes of its own (sandbox/warm.py), so a job's
 sandbox is made from one kept ready, not from scratch. With enough CPUs, each worker
-thread, and so every process it starts, is pinned to CPUs no other worker uses. A job's files are written into
-its fresh /box tmpfs (size --tmpfs-size), never to the host's disk.
+thread, and so every process it starts, is pinned to CPUs no other worker uses. A
+job's files are written into its fresh /box tmpfs (size --tmpfs-size), never to the
+host's disk.
 
 The results file gets one JSON line per finished job, written whole under a lock and
 fsynced. A rerun skips the ids already there; a last line cut short by a crash is
