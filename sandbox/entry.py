@@ -41,6 +41,8 @@ def _batch_args(args: list[str]) -> tuple | None:
     items = iter(args)
     for arg in items:
         name, eq, inline = arg.partition("=")
+        if arg[:2] in ("-j", "-o") and len(arg) > 2 and not eq:
+            name, eq, inline = arg[:2], "=", arg[2:]  # -j2, as typer takes it
         if name in _BATCH_VALUES:
             value = inline if eq else next(items, None)
             if value is None:

@@ -157,3 +157,26 @@ def test_results_file_that_is_a_device_is_never_read():
 def test_results_file_sbx_cannot_write_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(UsageError, match="cannot open the results file .* for writing"):
         batch.ResultsFile(str(tmp_path / "no-such-dir" / "results.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jobs.jsonl", "--out", "r.jsonl", "--jobs", "2", "--no-pin", "-q"],
+        ["jobs.jsonl", "-o", "r.jsonl", "-j", "2", "--no-pin", "--quiet"],
+        ["-j2", "-or.jsonl", "jobs.jsonl", "--no-pin", "-q"],
+        ["--jobs=2", "--out=r.jsonl", "jobs.jsonl", "--no-pin", "-q"],
+    ],
+)
+def test_the_fast_batch_parser_takes_the_forms_typer_takes(args):
+    from sandbox.entry import _batch_args
+
+    assert _batch_args(args) == ("jobs.jsonl", "r.jsonl", 2, None, 4096, True, 0, False)
+
+
+def test_the_fast_batch_parser_leaves_the_rest_to_typer():
+    from sandbox.entry import _batch_args
+
+    assert _batch_args(["jobs.jsonl", "--out", "r", "--help"]) is None
+    assert _batch_args(["jobs.jsonl", "--out", "r", "-jx"]) is None
+    assert _batch_args(["jobs.jsonl"]) is None  # no --out
