@@ -518,8 +518,9 @@ class RunCgroup:
         parent: only write(2) on fds opened beforehand."""
 
     def procs_fds(self) -> list[int]:
-        """Open cgroup.procs files of the run's cgroup(s): a process outside this one
-        (a warm sandbox's run, sandbox/warm.py) joins by writing "0" to each. The
+        """Open files of the run's cgroup(s) that move their writer in (cgroup.procs,
+        or v1's `tasks`): a single-threaded process outside this one (a warm
+        sandbox's launcher, sandbox/warm.py) joins by writing "0" to each. The
         kernel checks the opener's credentials, not the writer's."""
         return []
 
@@ -707,10 +708,22 @@ class Cgroup1Run(RunCgroup):
         super().__init__(plan)
         self.dirs = dict(dirs)  # controller -> directory; co-mounted share one
         self._closed = False
+        # What joins a run's groups is always a freshly forked, single-threaded
+        # process writing "0" (itself): through `tasks` it moves its one thread, which
+        # is moving the whole process. Through `cgroup.procs` the kernel would take
+        # the global thread-group lock for writing, which waits for an RCU grace
+        # period (about 9 ms here, one write in six in a batch) with every cgroup
+        # operation of the host held up behind it; for the calling thread alone it
+        # does not take that lock.
+        # (A group delegated with only cgroup.procs writable is joined through that.)
         self._procs_fds = []
         for directory in self._unique_dirs():
-            path = os.path.join(directory, "cgroup.procs")
-            self._procs_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            try:
+                fd = os.open(os.path.join(directory, "tasks"), os.O_WRONLY | os.O_CLOEXEC)
+            except PermissionError:
+                path = os.path.join(directory, "cgroup.procs")
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            self._procs_fds.append(fd)
 
     def _unique_dirs(self) -> list[str]:
         return list(dict.fromkeys(self.dirs.values()))
@@ -724,7 +737,7 @@ class Cgroup1Run(RunCgroup):
             try:
                 os.write(fd, b"0")
             except OSError as e:
-                call = f"write '0' to {directory}/cgroup.procs"
+                call = f"write '0' to {directory}/tasks (or cgroup.procs)"
                 raise kernel_error(call, e.errno) from e
 
     def procs_fds(self) -> list[int]:
@@ -789,8 +802,8 @@ class Cgroup1Run(RunCgroup):
         for fd in self._procs_fds:
             os.close(fd)
         self._procs_fds = []
-        if self.pids():
-            self.kill()
+        # A group that still has tasks fails rmdir with EBUSY: _remove_dir then kills
+        # them and tries again (no listing of every group first).
         for directory in self._unique_dirs():
             procs = os.path.join(directory, "cgroup.procs")
             _remove_dir(directory, procs, self._kill_quietly)
@@ -833,18 +846,34 @@ def stale_owner(name: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
+# When this process last looked for stale groups in a parent: a batch or a Runner
+# makes a run cgroup every few milliseconds, and a look (a listing and a check of
+# each name) cost more than the rest of the run's cgroup set-up.
+REAP_EVERY_S = 30.0
+_reaped_at: dict[str, float] = {}
+
+
+def forget_reaped() -> None:
+    """Look for stale groups again at the next run (tests)."""
+    _reaped_at.clear()
+
+
 def _reap_stale_groups(parent: str) -> None:
-    """Remove the empty sbx groups in `parent` whose supervisor is gone.
+    """Remove the empty sbx groups in `parent` whose supervisor is gone; at most once
+    every REAP_EVERY_S in one process.
 
     Only empty groups can be removed (rmdir fails on a populated one), and only
     those older than STALE_AGE_S, so that a group of a live supervisor in another
     pid namespace, empty for the moment between its creation and the join, is safe.
     """
+    now = time.time()
+    if now - _reaped_at.get(parent, float("-inf")) < REAP_EVERY_S:
+        return
+    _reaped_at[parent] = now
     try:
         names = os.listdir(parent)
     except OSError:
         return
-    now = time.time()
     for name in names:
         pid = stale_owner(name)
         if pid is None or os.path.exists(f"/proc/{pid}"):
