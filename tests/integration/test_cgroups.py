@@ -157,6 +157,7 @@ def test_groups_of_dead_supervisors_are_removed_by_the_next_run(v1_runs):
     os.utime(stale, (old, old))
     os.utime(live, (old, old))
     try:
+        cgroups.forget_reaped()  # earlier runs of this process looked already
         v1_runs(pids_max=8)
         assert not os.path.exists(stale)
         assert os.path.exists(live) and os.path.exists(young)
