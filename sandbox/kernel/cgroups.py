@@ -846,46 +846,51 @@ def stale_owner(name: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-# When this process last looked for stale groups in a parent: a batch or a Runner
-# makes a run cgroup every few milliseconds, and a look (a listing and a check of
-# each name) cost more than the rest of the run's cgroup set-up.
+# When this process next looks for stale groups in a parent (time.monotonic()): a
+# batch or a Runner makes a run cgroup every few milliseconds, and a look (a listing
+# and a check of each name) cost more than the rest of the run's cgroup set-up.
 REAP_EVERY_S = 30.0
-_reaped_at: dict[str, float] = {}
+_next_reap: dict[str, float] = {}
 
 
 def forget_reaped() -> None:
     """Look for stale groups again at the next run (tests)."""
-    _reaped_at.clear()
+    _next_reap.clear()
 
 
 def _reap_stale_groups(parent: str) -> None:
-    """Remove the empty sbx groups in `parent` whose supervisor is gone; at most once
-    every REAP_EVERY_S in one process.
+    """Remove the empty sbx groups in `parent` whose supervisor is gone; in one
+    process, at most every REAP_EVERY_S, or sooner when a dead supervisor's group
+    was still too young to remove.
 
     Only empty groups can be removed (rmdir fails on a populated one), and only
     those older than STALE_AGE_S, so that a group of a live supervisor in another
     pid namespace, empty for the moment between its creation and the join, is safe.
     """
-    now = time.time()
-    if now - _reaped_at.get(parent, float("-inf")) < REAP_EVERY_S:
+    clock = time.monotonic()
+    if clock < _next_reap.get(parent, float("-inf")):
         return
-    _reaped_at[parent] = now
+    next_look = clock + REAP_EVERY_S
     try:
         names = os.listdir(parent)
     except OSError:
-        return
+        names = []
+    now = time.time()
     for name in names:
         pid = stale_owner(name)
         if pid is None or os.path.exists(f"/proc/{pid}"):
             continue
         path = os.path.join(parent, name)
         try:
-            if now - os.stat(path).st_mtime < STALE_AGE_S:
+            age = now - os.stat(path).st_mtime
+            if age < STALE_AGE_S:
+                next_look = min(next_look, clock + STALE_AGE_S - age + 0.1)
                 continue
             os.rmdir(path)
             log.info("removed %s, left by a supervisor that is gone", path)
         except OSError:
             pass
+    _next_reap[parent] = next_look
 
 
 def _prepare_v2_parent(facts: CgroupFacts, controllers: frozenset) -> str:

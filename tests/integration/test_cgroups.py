@@ -167,6 +167,27 @@ def test_groups_of_dead_supervisors_are_removed_by_the_next_run(v1_runs):
                 os.rmdir(path)
 
 
+def test_a_dead_supervisors_young_group_is_looked_at_again_once_old(v1_runs, monkeypatch):
+    """Looks for stale groups are rare (every REAP_EVERY_S in one process), but a group
+    skipped for being too young is looked at again once it is old enough."""
+    monkeypatch.setattr(cgroups, "STALE_AGE_S", 0.5)
+    parent = cgroups.read_facts().v1_dirs["pids"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    young = os.path.join(parent, cgroups.leaf_name("young", dead.pid))
+    os.mkdir(young)
+    try:
+        cgroups.forget_reaped()
+        v1_runs(pids_max=8)
+        assert os.path.exists(young)
+        time.sleep(0.7)
+        v1_runs(pids_max=8)
+        assert not os.path.exists(young)
+    finally:
+        if os.path.exists(young):
+            os.rmdir(young)
+
+
 # --- the unprivileged user -----------------------------------------------------------
 
 USER_SCRIPT = """
