@@ -781,6 +781,7 @@ def _report(r: Run) -> result.Result:
     if cgroup_ns is not None:
         setup_s = r.init_setup_cpu_s + r.launch_cpu_s
         total = max(0.0, cgroup_ns / 1e9 - setup_s, user + system)
+        user, system = _with_unreaped_share(r.cgroup, user, system, total)
     oom = r.cgroup.oom_killed()
     verdict, reason = result.decide(r.status, r.tripped, oom, r.violation)
     limits = r.plan.limits
@@ -813,6 +814,20 @@ def _report(r: Run) -> result.Result:
         if stream.capture:
             setattr(out, stream.name, b"".join(stream.chunks))
     return out
+
+
+def _with_unreaped_share(cgroup, user: float, system: float, total: float) -> tuple:
+    """user and system from init's rusage miss processes killed before anything
+    reaped them (a fork bomb stopped at its wall limit); the cgroup's total has them.
+    The missing time is split as the cgroup's own user/system counters split."""
+    missing = total - (user + system)
+    if missing <= 0.001:
+        return user, system
+    split = cgroup.cpu_split()
+    if not split or sum(split) <= 0:
+        return user, system
+    share = split[0] / sum(split)
+    return user + missing * share, system + missing * (1 - share)
 
 
 def _limit_report(r: Run) -> dict:

@@ -530,6 +530,11 @@ class RunCgroup:
     def cpu_time_ns(self) -> int | None:
         return None
 
+    def cpu_split(self) -> tuple[float, float] | None:
+        """The group's CPU time as (user, system), in any one unit: only their ratio
+        is used. None without CPU accounting."""
+        return None
+
     def peak_memory_bytes(self) -> int | None:
         return None
 
@@ -669,6 +674,11 @@ class Cgroup2Run(RunCgroup):
         usec = _read_key(self._file("cpu.stat"), "usage_usec")
         return None if usec is None else usec * 1000
 
+    def cpu_split(self) -> tuple[float, float] | None:
+        path = self._file("cpu.stat")
+        user, system = _read_key(path, "user_usec"), _read_key(path, "system_usec")
+        return None if user is None or system is None else (user, system)
+
     def peak_memory_bytes(self) -> int | None:
         try:
             return int(_read(self._file("memory.peak")))
@@ -749,6 +759,13 @@ class Cgroup1Run(RunCgroup):
             return int(_read(path)) if path else None
         except (OSError, ValueError):
             return None
+
+    def cpu_split(self) -> tuple[float, float] | None:
+        path = self._file("cpuacct", "cpuacct.stat")  # in clock ticks
+        if path is None:
+            return None
+        user, system = _read_key(path, "user"), _read_key(path, "system")
+        return None if user is None or system is None else (user, system)
 
     def peak_memory_bytes(self) -> int | None:
         path = self._file("memory", "memory.max_usage_in_bytes")

@@ -94,3 +94,15 @@ def test_a_run_under_its_limits_is_ok(caller):
     assert res["verdict"] == "OK" and res["stdout"] == "done\n", res
     assert done.returncode == 0
     assert res["cpu_time_s"]["total"] < 1.0
+
+
+def test_user_and_system_add_up_when_spinners_are_killed_unreaped(caller):
+    """Two spinning children nobody waits for, killed with the run at its wall limit:
+    their time is in the run's user and system split too, not only in its total."""
+    script = "for i in 1 2; do (while :; do :; done) & done; sleep 100"
+    done, res, elapsed_s = timed_json(caller, ["--wall", "1.5", "--", "sh", "-c", script])
+    assert (res["verdict"], res["reason"]) == ("TLE", "wall"), res
+    cpu = res["cpu_time_s"]
+    assert cpu["total"] >= 1.0, cpu
+    assert abs(cpu["user"] + cpu["system"] - cpu["total"]) < 0.05, cpu
+    assert cpu["user"] >= 0.8 * cpu["total"], cpu
