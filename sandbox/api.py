@@ -22,7 +22,7 @@ import os
 from . import execopts, profiles
 from .errors import UsageError
 from .kernel import hostinfo
-from .plan import Plan, check_box_files, check_box_fits, make_plan
+from .plan import Plan, box_files, make_plan
 from .result import Result
 
 _PARSED_KEYS = {o.key: o for o in execopts.OPTIONS}
@@ -163,10 +163,7 @@ class Runner:
         merged = {**self.options, **given}
         base = self._base_plan(profile or self.profile, self._per_plan(merged))
         stdin_data = _check_option("stdin_data", merged.get("stdin_data"))
-        files = check_box_files(merged.get("files") or ())
-        if files and base.box_dir is not None:
-            raise UsageError("files and dir both fill /box: write the files into the dir")
-        check_box_fits(files, base.limits)
+        files = box_files(merged.get("files"), base.box_dir, base.limits)
         plan = replace(
             base,
             argv=tuple(argv),

@@ -161,12 +161,17 @@ class Plan:
         return paths
 
     @property
+    def runs_warm(self) -> bool:
+        """Whether a warm sandbox (sandbox/warm.py) can run this plan: not with an
+        image root (its overlay upper layer is per run) nor with --dir (a host path is
+        bound from the caller's view, which a warm sandbox no longer has)."""
+        return self.rootfs == "host" and self.box_dir is None
+
+    @property
     def warm_key(self) -> tuple | None:
-        """What a warm sandbox (sandbox/warm.py) must share with this plan to run it:
-        the id maps and the read-only part of the root. None when the plan cannot run
-        in one: an image root (its overlay upper layer is per run) or --dir (a host
-        path is bound from the caller's view, which a warm sandbox no longer has)."""
-        if self.rootfs != "host" or self.box_dir is not None:
+        """What a warm sandbox must share with this plan to run it: the id maps and
+        the read-only part of the root; None when it cannot run warm."""
+        if not self.runs_warm:
             return None
         return (self.ids, template_mounts(self.mounts))
 
@@ -224,6 +229,16 @@ def check_box_files(files: object) -> tuple[tuple[str, bytes], ...]:
                     f"file {'/'.join(parts[:n])!r} would also be the directory of {name!r}"
                 )
     return tuple(checked)
+
+
+def box_files(files: object, box_dir: str | None, limits: Limits) -> tuple:
+    """A plan's files for /box, checked (check_box_files, check_box_fits); files and
+    --dir cannot both fill /box."""
+    checked = check_box_files(files or ())
+    if checked and box_dir is not None:
+        raise UsageError("files and dir both fill /box: write the files into the dir")
+    check_box_fits(checked, limits)
+    return checked
 
 
 def check_box_fits(files: tuple[tuple[str, bytes], ...], limits: Limits) -> None:
@@ -481,10 +496,7 @@ def make_plan(
     box_dir = options.get("dir")
     if box_dir is not None:
         box_dir = os.path.abspath(box_dir)
-    files = check_box_files(options.get("files") or ())
-    if files and box_dir is not None:
-        raise UsageError("files and dir both fill /box: write the files into the dir")
-    check_box_fits(files, limits)
+    files = box_files(options.get("files"), box_dir, limits)
     rootfs = options.get("rootfs") or profile.get("rootfs", "host")
     if rootfs == "host":
         mounts = host_root_mounts(layout, limits, ids, box_dir)

@@ -76,9 +76,9 @@ class Zygote:
         log.info("warm sandbox ready (pid %d, %s root)", self.pid, self.mode)
 
     def launch(self, plan: Plan, prep: child.Prepared, fds, procs_fds: list[int]) -> None:
-        """Send one run: its plan, its prepared filter and rlimits, and the
-        descriptors its stages use (fds, a child.ChildFds) and its cgroup's
-        cgroup.procs files. Raises SandboxError if the zygote is gone."""
+        """Send one run: its plan, its prepared filter and rlimits, the descriptors
+        its stages use (fds, a child.ChildFds), and the files through which its
+        launcher joins the run's cgroup. Raises SandboxError if the zygote is gone."""
         sent, layout = [], []
         for name in _LAYOUT:
             fd = getattr(fds, name)
@@ -302,7 +302,7 @@ class Pool:
 
     def _warm_key(self, plan: Plan) -> int | None:
         """A number standing for plan.warm_key, or None for a plan that runs cold."""
-        if plan.rootfs != "host" or plan.box_dir is not None:
+        if not plan.runs_warm:
             return None
         with self._lock:
             known = self._keys.get(id(plan.mounts))
